@@ -1,0 +1,85 @@
+"""Data lists for training and evaluation: image/mask pairs from one or more dataset folders.
+
+A dataset folder holds ``images/<stem>.<ext>`` and ``masks/<stem>.png`` with matching stems (the
+layout that ``data/prepare_data.py`` writes). ``dataset_dir`` in the configs is one such folder,
+or a list of them; an entry may also be a dict ``{"dir": ..., "masks": "structures/lungs"}`` to
+take the masks from another sub-folder.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Sequence
+from pathlib import Path
+
+from .io import image_size, is_supported
+
+
+class DatasetError(ValueError):
+    """A dataset folder that cannot be used; the message names the folder or file and the fix."""
+
+
+def _as_source(entry: str | os.PathLike | dict) -> tuple[Path, Path, str]:
+    """(images dir, masks dir, dataset name) for one ``dataset_dir`` entry."""
+    if isinstance(entry, dict):
+        root, masks = Path(entry["dir"]), entry.get("masks", "masks")
+    else:
+        root, masks = Path(entry), "masks"
+    return root / "images", root / masks, root.name
+
+
+def find_pairs(entry: str | os.PathLike | dict, check_sizes: bool = True) -> list[dict]:
+    """All ``{"image", "label", "dataset"}`` pairs of one dataset folder, sorted by stem.
+
+    Raises:
+        DatasetError: the folder has no images, an image has no mask, or an image and its mask differ in size.
+    """
+    images_dir, masks_dir, name = _as_source(entry)
+    if not images_dir.is_dir():
+        raise DatasetError(f"{images_dir}: no such folder; a dataset folder holds images/ and masks/ (see data/README.md)")
+    if not masks_dir.is_dir():
+        raise DatasetError(f"{masks_dir}: no such folder; a dataset folder holds images/ and masks/ (see data/README.md)")
+    images = sorted(p for p in images_dir.iterdir() if p.is_file() and is_supported(p))
+    if not images:
+        raise DatasetError(f"{images_dir}: no images found (expected PNG, JPEG, DICOM or NIfTI files)")
+    masks = {p.name.split(".")[0]: p for p in masks_dir.iterdir() if p.is_file()}
+    pairs = []
+    for image in images:
+        stem = image.name.split(".")[0]
+        mask = masks.get(stem)
+        if mask is None:
+            raise DatasetError(f"{image}: no mask for this image; expected {masks_dir / (stem + '.png')}")
+        if check_sizes and image_size(image) != image_size(mask):
+            raise DatasetError(
+                f"{image}: image is {image_size(image)} (rows, columns) but its mask {mask} is {image_size(mask)}; "
+                "masks must have the image's size"
+            )
+        pairs.append({"image": str(image), "label": str(mask), "dataset": name})
+    return pairs
+
+
+def split_datalist(
+    dataset_dir: str | os.PathLike | dict | Sequence, val_fraction: float = 0.2, seed: int = 0
+) -> dict[str, list[dict]]:
+    """Seeded split of every dataset folder into ``{"training": [...], "validation": [...]}``.
+
+    Each folder is split on its own (shuffled with ``random.Random(seed)``, the first
+    ``round(val_fraction * n)`` pairs, at least one, go to validation), so that every data set has a
+    held-out part. The same inputs and seed always give the same split.
+    """
+    entries = [dataset_dir] if isinstance(dataset_dir, (str, os.PathLike, dict)) else list(dataset_dir)
+    if not entries:
+        raise DatasetError("dataset_dir is an empty list; give a dataset folder or a list of them")
+    if not 0.0 <= val_fraction < 1.0:
+        raise DatasetError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    split = {"training": [], "validation": []}
+    for entry in entries:
+        pairs = find_pairs(entry)
+        random.Random(seed).shuffle(pairs)
+        n_val = max(1, round(val_fraction * len(pairs))) if val_fraction > 0 else 0
+        if n_val >= len(pairs):
+            raise DatasetError(f"{_as_source(entry)[0]}: {len(pairs)} image(s) are too few to split off {n_val}")
+        split["validation"] += pairs[:n_val]
+        split["training"] += pairs[n_val:]
+    return split

@@ -1,0 +1,66 @@
+"""MONAI-style transforms that MONAI itself does not provide."""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+
+import cv2
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.transforms import MapTransform, Transform
+from monai.utils import convert_to_dst_type, convert_to_numpy
+
+
+class CLAHE(Transform):
+    """Contrast-limited adaptive histogram equalisation (OpenCV) of a channel-first image in [0, 1].
+
+    Each channel is quantised to ``bins`` levels (256: 8-bit, 65536: 16-bit), equalised with
+    ``cv2.createCLAHE(clip_limit, tile_grid_size)`` and scaled back to [0, 1]. Run it after the
+    intensity scaling; on a resized image the tile grid covers the same anatomy at any input size.
+
+    Args:
+        clip_limit: OpenCV's contrast limit per tile (2.0 is OpenCV's usual value).
+        tile_grid_size: number of tiles along (rows, columns).
+        bins: 256 or 65536 grey levels for the histogram.
+    """
+
+    def __init__(self, clip_limit: float = 2.0, tile_grid_size: Sequence[int] = (8, 8), bins: int = 256):
+        if bins not in (256, 65536):
+            raise ValueError(f"bins must be 256 (8-bit) or 65536 (16-bit), got {bins}")
+        self.clip_limit = float(clip_limit)
+        self.tile_grid_size = tuple(int(t) for t in tile_grid_size)
+        self.bins = bins
+
+    def __call__(self, img: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
+        array = convert_to_numpy(img, dtype=np.float32)
+        dtype = np.uint8 if self.bins == 256 else np.uint16
+        # OpenCV's tile grid is (columns, rows)
+        clahe = cv2.createCLAHE(clipLimit=self.clip_limit, tileGridSize=self.tile_grid_size[::-1])
+        top = self.bins - 1
+        out = np.empty_like(array)
+        for c, channel in enumerate(array):
+            quantised = np.rint(np.clip(channel, 0.0, 1.0) * top).astype(dtype)
+            out[c] = clahe.apply(quantised).astype(np.float32) / top
+        return convert_to_dst_type(out, img)[0]
+
+
+class CLAHEd(MapTransform):
+    """Dictionary version of :class:`CLAHE`."""
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        clip_limit: float = 2.0,
+        tile_grid_size: Sequence[int] = (8, 8),
+        bins: int = 256,
+        allow_missing_keys: bool = False,
+    ):
+        super().__init__(keys, allow_missing_keys)
+        self.clahe = CLAHE(clip_limit, tile_grid_size, bins)
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.clahe(d[key])
+        return d

@@ -1,0 +1,60 @@
+"""CLAHE as a MONAI transform."""
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from monai.data import MetaTensor
+
+from scripts.transforms import CLAHE, CLAHEd
+
+
+def _low_contrast(rows=128, cols=128):
+    rng = np.random.default_rng(0)
+    base = np.add.outer(np.linspace(0.40, 0.45, rows), np.linspace(0, 0.05, cols))
+    return (base + rng.normal(0, 0.01, (rows, cols))).astype(np.float32)[None]
+
+
+def test_clahe_raises_local_contrast_more_with_a_higher_clip_limit():
+    r = np.arange(128)
+    checker = (r[:, None] // 4 + r[None, :] // 4) % 2 == 1
+    image = (0.3 + 0.03 * checker).astype(np.float32)[None]  # faint detail on a dark background
+
+    def contrast(img):
+        return img[0][checker].mean() - img[0][~checker].mean()
+
+    low, high = CLAHE(clip_limit=2.0)(image), CLAHE(clip_limit=4.0)(image)
+    assert low.shape == image.shape and low.dtype == np.float32
+    assert 0.0 <= low.min() and high.max() <= 1.0
+    assert contrast(low) > 1.2 * contrast(image)
+    assert contrast(high) > 1.1 * contrast(low)
+
+
+def test_clahe_matches_opencv_on_8bit_input():
+    image = _low_contrast()
+    quantised = np.rint(image[0] * 255).astype(np.uint8)
+    expected = cv2.createCLAHE(clipLimit=3.0, tileGridSize=(4, 8)).apply(quantised) / 255.0
+    out = CLAHE(clip_limit=3.0, tile_grid_size=(8, 4))(image)  # ours is (rows, columns)
+    np.testing.assert_allclose(out[0], expected, atol=1e-6)
+
+
+def test_clahe_16bit_histogram():
+    image = _low_contrast()
+    out8 = CLAHE(bins=256)(image)
+    out16 = CLAHE(bins=65536)(image)
+    assert out16.shape == image.shape and 0.0 <= out16.min() and out16.max() <= 1.0
+    assert not np.allclose(out8, out16)  # finer grey levels give a different mapping
+
+
+def test_clahe_dict_keeps_metatensor_and_other_keys():
+    image = MetaTensor(torch.from_numpy(_low_contrast()), meta={"filename_or_obj": "x.png"})
+    label = torch.zeros(1, 128, 128)
+    out = CLAHEd(keys="image")({"image": image, "label": label})
+    assert isinstance(out["image"], MetaTensor)
+    assert out["image"].meta["filename_or_obj"] == "x.png"
+    assert out["label"] is label
+
+
+def test_clahe_rejects_other_bins():
+    with pytest.raises(ValueError, match="bins"):
+        CLAHE(bins=1024)
