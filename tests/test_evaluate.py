@@ -1,0 +1,150 @@
+"""evaluate.yaml and scripts/evaluation.py: metrics at native resolution, reports, overlays, curves."""
+
+import csv
+import logging
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from monai.bundle import ConfigWorkflow
+
+from conftest import BUNDLE, REPO
+
+TRAIN = str(BUNDLE / "configs" / "train.yaml")
+EVALUATE = str(BUNDLE / "configs" / "evaluate.yaml")
+
+
+def _squares(k: int, size: int = 64, side: int = 20, top: int = 10, left: int = 10):
+    """A square and the same square shifted k pixels to the right, as (1, H, W) masks."""
+    a = np.zeros((1, size, size), np.uint8)
+    b = np.zeros((1, size, size), np.uint8)
+    a[0, top:top + side, left:left + side] = 1
+    b[0, top:top + side, left + k:left + k + side] = 1
+    return a, b
+
+
+@pytest.mark.parametrize("k", [1, 3, 6])
+def test_metrics_of_two_offset_squares(k):
+    from scripts.evaluation import segmentation_metrics
+
+    side = 20
+    pred, ref = _squares(k, side=side)
+    m = segmentation_metrics(pred, ref)
+    assert m["dice"][0] == pytest.approx((side - k) / side)  # 2 * 20(20-k) / (2 * 400)
+    assert m["iou"][0] == pytest.approx((side - k) / (side + k))  # 20(20-k) / (20(20+k))
+    assert m["hd95"][0] == pytest.approx(k)  # a quarter of each outline (the leading side) is k px away
+    assert 0 < m["assd"][0] < k
+    # spacing is (rows, columns): the shift is along the columns, so only the column spacing counts
+    mm = segmentation_metrics(pred, ref, spacing=(2.0, 0.5))
+    assert mm["hd95"][0] == pytest.approx(0.5 * k)
+    assert mm["assd"][0] < m["assd"][0]
+    assert mm["dice"][0] == m["dice"][0]
+
+
+def test_metrics_per_structure_keep_their_channel_and_handle_empty_masks():
+    from scripts.evaluation import segmentation_metrics
+
+    a1, b1 = _squares(2)
+    a2, b2 = _squares(0, top=35)  # identical squares in the second channel
+    pred = np.concatenate([a1, a2, np.zeros_like(a1)])  # third structure: nothing predicted
+    ref = np.concatenate([b1, b2, b1])
+    m = segmentation_metrics(torch.as_tensor(pred), torch.as_tensor(ref))
+    assert m["dice"][:2] == pytest.approx([0.9, 1.0]) and m["dice"][2] == 0
+    assert m["hd95"][:2] == pytest.approx([2.0, 0.0]) and m["assd"][1] == 0
+    assert np.isnan(m["hd95"][2]) and np.isnan(m["assd"][2])  # distance undefined, not inf
+    with pytest.raises(ValueError, match="same shape"):
+        segmentation_metrics(pred, ref[:2])
+
+
+def test_report_scores_the_structure_channels_and_writes_the_files(tmp_path):
+    """With a softmax model the output has a background channel first: the report must skip it."""
+    from PIL import Image
+
+    from monai.data import MetaTensor
+    from scripts.evaluation import SegmentationReport
+
+    image_path = tmp_path / "img.png"
+    Image.fromarray(np.full((64, 64), 128, np.uint8)).save(image_path)
+    report = SegmentationReport(str(tmp_path / "eval"), ["lungs"], dataset_spacing={"jsrt_scr": [0.7, 0.7]})
+    for k, dataset in ((2, "jsrt_scr"), (4, "jsrt_scr"), (1, "other")):
+        pred, ref = _squares(k)
+        onehot = lambda m: torch.as_tensor(np.concatenate([1 - m, m])).float()  # noqa: E731 (background, lungs)
+        image = MetaTensor(torch.zeros(1, 16, 16), meta={"filename_or_obj": str(image_path), "spacing_known": False,
+                                                         "original_affine": np.eye(3)})
+        report.add({"pred": onehot(pred), "label": onehot(ref), "image": image}, {"dataset": dataset})
+    rows = report.rows
+    assert [r["lungs_dice"] for r in rows] == pytest.approx([0.9, 0.8, 0.95])  # not the background's Dice
+    assert [r["distance_unit"] for r in rows] == ["mm", "mm", "px"]
+    assert [r["lungs_hd95"] for r in rows] == pytest.approx([1.4, 2.8, 1.0])  # 0.7 mm pixels for jsrt_scr
+    files = report.write()
+    with open(files["per_image"]) as f:
+        assert len(list(csv.DictReader(f))) == 3
+    with open(files["summary"]) as f:
+        summary = {(r["dataset"], r["metric"]): r for r in csv.DictReader(f) if r["structure"] == "lungs"}
+    assert float(summary["jsrt_scr", "dice"]["mean"]) == pytest.approx(0.85)
+    assert float(summary["jsrt_scr", "dice"]["sd"]) == pytest.approx(np.std([0.9, 0.8], ddof=1))
+    assert summary["jsrt_scr", "hd95"]["unit"] == "mm" and summary["other", "hd95"]["unit"] == "px"
+    assert "0.8500 ± 0.0707 (0.8500)" in files["markdown"].read_text()
+    assert sorted(p.name for p in (tmp_path / "eval" / "overlays").iterdir()) == [
+        "jsrt_scr_best_img.png", "jsrt_scr_worst_img.png", "other_best_img.png", "other_worst_img.png"]
+
+
+def test_training_curves_are_skipped_without_event_files(tmp_path, caplog):
+    from scripts.evaluation import plot_training_curves
+
+    with caplog.at_level(logging.INFO):
+        assert plot_training_curves(tmp_path / "nothing_here", tmp_path / "curves.png") is None
+    assert "training curves skipped" in caplog.text and not (tmp_path / "curves.png").exists()
+
+
+def test_evaluate_cli_on_a_tiny_model_scores_at_native_size(tmp_path, small_montgomery):
+    """Train 1 epoch at 64x64 on 8 Montgomery images, then `run evaluating` with the documented command."""
+    from scripts.data import split_datalist
+
+    out, ckpt = tmp_path / "out", tmp_path / "models"
+    common = dict(dataset_dir=str(small_montgomery), output_dir=str(out), ckpt_dir=str(ckpt), spatial_size=[64, 64],
+                  batch_size=4, progress=False)
+    wf = ConfigWorkflow(config_file=TRAIN, workflow_type="train", bundle_root=str(BUNDLE), max_epochs=1, **common)
+    wf.initialize()
+    wf.run()
+    wf.finalize()
+    assert (ckpt / "model.pt").is_file()
+
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "evaluating", "--bundle_root", "bundle",
+           "--config_file", f"['{TRAIN}','{EVALUATE}']"]
+    for key, value in common.items():
+        cmd += [f"--{key}", str(value).replace(" ", "")]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-3000:]
+    assert f"Restored all variables from {ckpt / 'model.pt'}" in log
+
+    eval_dir = out / "eval"
+    with open(eval_dir / "metrics_per_image.csv") as f:
+        rows = list(csv.DictReader(f))
+    validation = split_datalist(str(small_montgomery))["validation"]  # the training run's seeded split
+    assert sorted(r["image"] for r in rows) == sorted(item["image"] for item in validation)
+    for r in rows:
+        assert (r["rows"], r["cols"]) == ("256", "256")  # the mask's native size, not the network's 64x64
+        assert r["dataset"] == small_montgomery.name and r["distance_unit"] == "px"
+        assert 0 <= float(r["lungs_dice"]) <= 1 and 0 <= float(r["lungs_iou"]) <= float(r["lungs_dice"])
+        assert float(r["lungs_hd95"]) >= 0 and float(r["lungs_assd"]) >= 0
+    # the evaluator's own MeanDice handler saw the same native-size arrays as the report
+    logged = float(re.search(r"val_mean_dice: ([0-9.]+)", log).group(1))
+    assert np.mean([float(r["lungs_dice"]) for r in rows]) == pytest.approx(logged, abs=1e-4)
+
+    with open(eval_dir / "metrics_summary.csv") as f:
+        summary = list(csv.DictReader(f))
+    assert {(s["dataset"], s["structure"], s["metric"]) for s in summary} == {
+        (small_montgomery.name, "lungs", m) for m in ("dice", "iou", "hd95", "assd")}
+    assert "| lungs | 2 |" in (eval_dir / "metrics_summary.md").read_text()
+    overlays = sorted(p.name for p in (eval_dir / "overlays").iterdir())
+    assert len(overlays) == 2 and overlays[0].startswith(f"{small_montgomery.name}_best_")
+    from PIL import Image
+
+    for png in [*(eval_dir / "overlays").iterdir(), eval_dir / "training_curves.png"]:
+        with Image.open(png) as im:
+            assert im.width > 200 and im.height > 200
