@@ -57,9 +57,8 @@ def _read_pil(path: str) -> tuple[np.ndarray, dict]:
             array = np.asarray(img)
         else:  # L, LA, P (palette), RGB, RGBA, CMYK...: convert to 8-bit luminance
             array = np.asarray(img.convert("L") if img.mode != "L" else img)
-        dpi = img.info.get("dpi")
-    spacing = (25.4 / dpi[1], 25.4 / dpi[0]) if dpi and min(dpi) > 1 else None
-    return array, {"spacing": spacing, "format": "pil"}
+    # no spacing from PNG/JPEG: their DPI fields are mostly tool defaults (72, 96), not detector pitch
+    return array, {"spacing": None, "format": "pil"}
 
 
 def _read_dicom(path: str) -> tuple[np.ndarray, dict]:

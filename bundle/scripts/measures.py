@@ -1,0 +1,186 @@
+"""Measures of a chest radiograph's label map for inference's results.csv, and quality-control flags.
+
+All functions take a 2D label map (rows, columns) in the bundle's convention, with the class indices
+named by ``class_names`` (``["background", "lungs"]``, or ``["background", "lungs", "heart",
+"clavicles"]`` for the anatomy model), and the pixel spacing in mm (rows, columns) or None.
+
+Sides: a frontal radiograph is displayed as if facing the patient (PA or AP view), so the patient's
+RIGHT lung is on the IMAGE LEFT (small column indices) and the left lung on the image right.
+
+Quality-control thresholds (``QC_LIMITS``) were set from the expert masks of the 700 radiographs in
+../shared/data (Montgomery, Shenzhen, JSRT/SCR), with a margin:
+
+- lung area as a fraction of the image: 0.09 to 0.43 in the reference masks (median 0.20 Montgomery,
+  0.25 Shenzhen, 0.29 JSRT) -> flagged outside [0.08, 0.50];
+- right/left lung area ratio: 1st to 99th percentile 0.75 to 1.79 (median 1.16 to 1.25) -> flagged
+  outside [0.5, 2.0] (a collapsed or missing lung, or a split that went wrong);
+- cardiothoracic ratio: 0.35 to 0.63 on JSRT (median 0.47) -> flagged outside [0.30, 0.70]. A CTR
+  above 0.5 is a clinical finding (cardiomegaly on a PA view), not a segmentation problem, and is not
+  flagged by itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from scipy import ndimage
+
+QC_LIMITS = {
+    "lung_area_fraction": (0.08, 0.50),
+    "right_left_ratio": (0.5, 2.0),
+    "cardiothoracic_ratio": (0.30, 0.70),
+}
+
+LUNGS, HEART = "lungs", "heart"
+
+
+def csv_columns(class_names: Sequence[str]) -> list[str]:
+    """The header of results.csv for a model with these classes (heart columns only with a heart class)."""
+    columns = ["path", "status", "error", "rows", "columns", "spacing_mm"]
+    if LUNGS in class_names:
+        columns += ["lung_area_px", "lung_area_cm2", "right_lung_area_px", "left_lung_area_px", "n_lung_components"]
+    for name in class_names[1:]:
+        if name != LUNGS:
+            columns += [f"{name}_area_px", f"{name}_area_cm2"]
+    if LUNGS in class_names and HEART in class_names:
+        columns.append("cardiothoracic_ratio")
+    columns.append("qc_flags")
+    return columns
+
+
+def area_cm2(area_px: int, spacing: Sequence[float] | None) -> float | None:
+    """Area in cm^2 of ``area_px`` pixels of ``spacing`` (mm, rows and columns); None when spacing is unknown."""
+    if spacing is None:
+        return None
+    return float(area_px) * float(spacing[0]) * float(spacing[1]) / 100.0
+
+
+def split_lungs(lungs: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """Split a lung mask into the patient's right lung (image left) and left lung (image right).
+
+    Each connected component (8-connectivity) goes whole to the side of the midline that holds most of
+    it. The midline is the middle of the lungs' horizontal extent when there are two or more
+    components, else the image's middle column (one lung alone keeps its side). A single component
+    that straddles the midline (at least a quarter of it on each side: lungs merged across the
+    mediastinum) is cut at the midline.
+
+    Returns:
+        (right lung mask, left lung mask, number of components).
+    """
+    lungs = np.asarray(lungs, dtype=bool)
+    labels, n = ndimage.label(lungs, structure=np.ones((3, 3), dtype=bool))
+    right, left = np.zeros_like(lungs), np.zeros_like(lungs)
+    if n == 0:
+        return right, left, 0
+    cols = np.nonzero(lungs.any(axis=0))[0]
+    midline = (cols[0] + cols[-1] + 1) / 2.0 if n >= 2 else lungs.shape[1] / 2.0
+    column_index = np.arange(lungs.shape[1])[None, :]
+    image_left = np.broadcast_to(column_index < midline, lungs.shape)
+    for component in range(1, n + 1):
+        mask = labels == component
+        share_left = np.count_nonzero(mask & image_left) / np.count_nonzero(mask)
+        if 0.25 <= share_left <= 0.75:
+            right |= mask & image_left
+            left |= mask & ~image_left
+        elif share_left > 0.75:
+            right |= mask
+        else:
+            left |= mask
+    return right, left, n
+
+
+def horizontal_extent(mask: np.ndarray) -> int:
+    """Widest horizontal extent of a mask in pixels: its rightmost minus leftmost column, plus one (0 if empty)."""
+    cols = np.nonzero(np.asarray(mask, dtype=bool).any(axis=0))[0]
+    return int(cols[-1] - cols[0] + 1) if cols.size else 0
+
+
+def cardiothoracic_ratio(heart: np.ndarray, lungs: np.ndarray) -> float | None:
+    """Widest horizontal heart extent / widest horizontal thoracic extent (the lungs' outer borders).
+
+    Both widths are horizontal bounding extents in pixels, so the ratio needs no pixel spacing.
+    None when either mask is empty.
+    """
+    thorax = horizontal_extent(lungs)
+    heart_width = horizontal_extent(heart)
+    if thorax == 0 or heart_width == 0:
+        return None
+    return heart_width / thorax
+
+
+def measure(masks: np.ndarray, class_names: Sequence[str], spacing: Sequence[float] | None) -> dict:
+    """Measures of one segmentation: the results.csv columns after ``spacing_mm`` (see :func:`csv_columns`).
+
+    Args:
+        masks: a 2D label map (0 background, i = ``class_names[i]``), or binary masks ``(S, H, W)`` of
+            ``class_names[1:]``, which may overlap (the anatomy model's full structures: the lung area
+            then includes the parts behind the clavicles).
+        class_names: names of the class indices, background first.
+        spacing: pixel spacing (rows, columns) in mm, or None.
+
+    Returns:
+        the values (None for unknown) and ``qc_flags``, a list of flag names (see :func:`qc_flags`).
+    """
+    masks = np.asarray(masks)
+    if masks.ndim == 2:
+        masks = np.stack([masks == c for c in range(1, len(class_names))])
+    if masks.shape[0] != len(class_names) - 1:
+        raise ValueError(f"{masks.shape[0]} masks for the {len(class_names) - 1} classes {list(class_names[1:])}")
+    masks = masks.astype(bool)
+    image_area = masks.shape[1] * masks.shape[2]
+    out: dict = {}
+    lungs = heart = None
+    if LUNGS in class_names:
+        lungs = masks[class_names.index(LUNGS) - 1]
+        right, left, n = split_lungs(lungs)
+        area = int(np.count_nonzero(lungs))
+        out.update(
+            lung_area_px=area,
+            lung_area_cm2=area_cm2(area, spacing),
+            right_lung_area_px=int(np.count_nonzero(right)),
+            left_lung_area_px=int(np.count_nonzero(left)),
+            n_lung_components=n,
+        )
+    for index, name in enumerate(class_names):
+        if index == 0 or name == LUNGS:
+            continue
+        mask = masks[index - 1]
+        if name == HEART:
+            heart = mask
+        area = int(np.count_nonzero(mask))
+        out[f"{name}_area_px"] = area
+        out[f"{name}_area_cm2"] = area_cm2(area, spacing)
+    if lungs is not None and heart is not None:
+        out["cardiothoracic_ratio"] = cardiothoracic_ratio(heart, lungs)
+    out["qc_flags"] = qc_flags(out, image_area)
+    return out
+
+
+def qc_flags(measures: dict, image_area_px: int) -> list[str]:
+    """Names of the quality-control checks that a label map's measures fail (thresholds in ``QC_LIMITS``).
+
+    - ``lung_components!=2``: not exactly two lung components (missing, merged or fragmented lungs);
+    - ``lung_area_fraction_out_of_range``: lung area / image area outside ``QC_LIMITS``;
+    - ``right_left_ratio_out_of_range``: right / left lung area outside ``QC_LIMITS`` (or a side empty);
+    - ``heart_missing``: a model with a heart class found no heart;
+    - ``cardiothoracic_ratio_out_of_range``: CTR outside ``QC_LIMITS``.
+    """
+    flags = []
+    if "lung_area_px" in measures:
+        if measures["n_lung_components"] != 2:
+            flags.append("lung_components!=2")
+        low, high = QC_LIMITS["lung_area_fraction"]
+        if not low <= measures["lung_area_px"] / max(image_area_px, 1) <= high:
+            flags.append("lung_area_fraction_out_of_range")
+        right, left = measures["right_lung_area_px"], measures["left_lung_area_px"]
+        low, high = QC_LIMITS["right_left_ratio"]
+        if measures["lung_area_px"] and (left == 0 or not low <= right / left <= high):
+            flags.append("right_left_ratio_out_of_range")
+    if f"{HEART}_area_px" in measures and measures[f"{HEART}_area_px"] == 0:
+        flags.append("heart_missing")
+    ctr = measures.get("cardiothoracic_ratio")
+    low, high = QC_LIMITS["cardiothoracic_ratio"]
+    if ctr is not None and not low <= ctr <= high:
+        flags.append("cardiothoracic_ratio_out_of_range")
+    return flags

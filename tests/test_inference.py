@@ -1,0 +1,416 @@
+"""Directory inference (configs/inference.yaml): inputs of every kind, broken files, outputs and measures.
+
+The network is a freshly initialised UNet saved in tmp (seeded), so the masks are arbitrary but
+deterministic: the tests compare masks of the same pixels read through different formats, and check
+the files, the CSV and the DICOM SEG; the measures are tested on synthetic masks whose areas are known.
+"""
+
+import csv
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import BUNDLE, REPO
+from dicom_fixtures import write_broken_files, write_dicom
+
+INFER = str(BUNDLE / "configs" / "inference.yaml")
+TRAIN = str(BUNDLE / "configs" / "train.yaml")
+ANATOMY = ["background", "lungs", "heart", "clavicles"]
+
+
+def _weights(path: Path, num_classes: int = 2, seed: int = 0) -> Path:
+    """A freshly initialised UNet of train.yaml's shape, saved as a plain state dict."""
+    from monai.networks.nets import UNet
+
+    torch.manual_seed(seed)
+    net = UNet(2, 1, num_classes, (16, 32, 64, 128, 256), (2, 2, 2, 2), num_res_units=2)
+    torch.save(net.state_dict(), path)
+    return path
+
+
+def _mask(path) -> np.ndarray:
+    return np.asarray(Image.open(path))
+
+
+def _rows(csv_path) -> dict[str, dict]:
+    with open(csv_path, newline="") as f:
+        return {row["path"]: row for row in csv.DictReader(f)}
+
+
+def _cause(exc: BaseException, kind: type) -> str:
+    """The message of the first ``kind`` in an exception's chain (MONAI wraps errors of `run` expressions
+    in ``RuntimeError("Failed to evaluate ConfigExpression ...")``)."""
+    while exc is not None:
+        if type(exc) is kind and not str(exc).startswith("Failed to evaluate"):
+            return str(exc)
+        exc = exc.__cause__ or exc.__context__
+    return ""
+
+
+def _workflow(tmp_path, **override):
+    from monai.bundle import ConfigWorkflow
+
+    config_file = override.pop("config_file", INFER)
+    settings = dict(bundle_root=str(BUNDLE), output_dir=str(tmp_path / "out"), progress=False, num_workers=0)
+    settings.update(override)
+    return ConfigWorkflow(config_file=config_file, workflow_type="inference", **settings)
+
+
+# ---- measures and post-processing on synthetic masks ---------------------------------------------
+
+
+def test_measures_areas_sides_spacing_and_ctr():
+    from scripts.measures import csv_columns, measure
+
+    labels = np.zeros((100, 120), dtype=np.uint8)
+    labels[20:80, 10:50] = 1  # image left = patient's right lung: 60 x 40 = 2400 px
+    labels[25:75, 70:110] = 1  # image right = patient's left lung: 50 x 40 = 2000 px
+    labels[50:85, 40:80] = 2  # heart over the lungs' inner parts: 40 px wide
+    names = ANATOMY
+    m = measure(labels, names, spacing=(0.5, 0.25))
+    right, left = 2400 - 30 * 10, 2000 - 25 * 10  # the heart took 10 columns of each lung's lower rows
+    assert (m["right_lung_area_px"], m["left_lung_area_px"]) == (right, left)
+    assert m["lung_area_px"] == right + left and m["n_lung_components"] == 2
+    assert m["lung_area_cm2"] == pytest.approx((right + left) * 0.5 * 0.25 / 100)
+    assert m["heart_area_px"] == 35 * 40 and m["heart_area_cm2"] == pytest.approx(1400 * 0.125 / 100)
+    assert m["clavicles_area_px"] == 0
+    assert m["cardiothoracic_ratio"] == pytest.approx(40 / 100)  # heart 40 px / thorax columns 10..109
+    assert m["qc_flags"] == []
+    assert csv_columns(names) == [
+        "path", "status", "error", "rows", "columns", "spacing_mm", "lung_area_px", "lung_area_cm2",
+        "right_lung_area_px", "left_lung_area_px", "n_lung_components", "heart_area_px", "heart_area_cm2",
+        "clavicles_area_px", "clavicles_area_cm2", "cardiothoracic_ratio", "qc_flags"]
+    assert "heart_area_px" not in csv_columns(["background", "lungs"])
+
+    no_spacing = measure(labels, ["background", "lungs"], spacing=None)
+    assert no_spacing["lung_area_cm2"] is None and "cardiothoracic_ratio" not in no_spacing
+
+
+def test_measures_qc_flags_and_side_of_single_or_merged_lungs():
+    from scripts.measures import measure, split_lungs
+
+    one = np.zeros((100, 100), dtype=np.uint8)
+    one[20:80, 60:90] = 1  # one lung, on the image right: the patient's left lung
+    m = measure(one, ["background", "lungs"], None)
+    assert (m["right_lung_area_px"], m["left_lung_area_px"]) == (0, 1800)
+    assert "lung_components!=2" in m["qc_flags"] and "right_left_ratio_out_of_range" in m["qc_flags"]
+
+    merged = np.zeros((100, 100), dtype=np.uint8)
+    merged[20:80, 10:90] = 1  # both lungs as one blob across the midline (fraction 0.48: in range)
+    right, left, n = split_lungs(merged.astype(bool))
+    assert n == 1 and right.sum() == left.sum() == 60 * 40 and not (right & left).any()
+    assert measure(merged, ["background", "lungs"], None)["qc_flags"] == ["lung_components!=2"]
+
+    tiny = np.zeros((100, 100), dtype=np.uint8)
+    tiny[40:45, 10:15] = tiny[40:45, 80:85] = 1
+    assert "lung_area_fraction_out_of_range" in measure(tiny, ["background", "lungs"], None)["qc_flags"]
+
+    empty = measure(np.zeros((10, 10), np.uint8), ANATOMY, None)
+    assert empty["lung_area_px"] == 0 and empty["cardiothoracic_ratio"] is None
+    assert {"lung_components!=2", "lung_area_fraction_out_of_range", "heart_missing"} <= set(empty["qc_flags"])
+
+
+def test_clean_labels_keeps_largest_components_per_class_and_fills_holes():
+    from scripts.inference import clean_labels
+
+    labels = np.zeros((60, 60), dtype=np.uint8)
+    labels[5:40, 5:25] = labels[5:40, 35:55] = 1  # two lungs
+    labels[50:53, 5:8] = 1  # a speck of "lung": removed (lungs keep 2)
+    labels[15:18, 10:13] = 0  # a hole in a lung: filled
+    labels[20:23, 40:43] = 3  # another class inside a lung: left as it is
+    labels[45:58, 30:45] = 2  # the heart
+    labels[55:57, 55:57] = 2  # a heart fragment: removed (heart keeps 1)
+    out = clean_labels(labels, ANATOMY, {"lungs": 2, "heart": 1}, fill_holes=True)
+    assert out[51, 6] == 0 and out[16, 11] == 1 and out[21, 41] == 3 and out[56, 56] == 0
+    assert (out == 1).sum() == 2 * 35 * 20 - 9
+    kept = clean_labels(labels, ANATOMY, {}, fill_holes=False)
+    np.testing.assert_array_equal(kept, labels)
+
+
+def test_label_map_from_softmax_and_from_one_sigmoid_channel_per_structure():
+    from scripts.inference import LabelMapd, Probabilitiesd, ResizeToNatived
+
+    # softmax: 2 channels for [background, lungs]
+    logits = torch.full((2, 8, 8), -5.0)
+    logits[1, 2:6, 1:3] = logits[1, 2:6, 5:7] = 5.0
+    logits[0] = -logits[1]
+    item = {"pred": logits, "rows": 16, "columns": 16, "error": ""}
+    for t in (Probabilitiesd("pred", ["background", "lungs"]), ResizeToNatived("pred"),
+              LabelMapd("pred", ["background", "lungs"], {"lungs": 2})):
+        item = t(item)
+    assert tuple(item["pred"].shape) == (1, 16, 16) and item["pred"].dtype == torch.uint8
+    assert (item["pred"] == 1).sum() == 2 * 8 * 4 and torch.equal(item["structures"][0], item["pred"][0])
+
+    # sigmoid: 3 channels for lungs, heart, clavicles, which overlap; the later class wins in the label map
+    logits = torch.full((3, 10, 10), -5.0)
+    logits[0, 1:9, 1:4] = logits[0, 1:9, 6:9] = 5.0  # lungs
+    logits[1, 5:9, 3:7] = 5.0  # heart
+    logits[2, 1:3, 0:10] = 5.0  # clavicles across both lungs
+    item = {"pred": logits, "rows": 10, "columns": 10, "error": ""}
+    for t in (Probabilitiesd("pred", ANATOMY), ResizeToNatived("pred"), LabelMapd("pred", ANATOMY, {"clavicles": 2})):
+        item = t(item)
+    labels, masks = item["pred"][0].numpy(), item["structures"].numpy()
+    assert masks.shape == (3, 10, 10) and masks[0].sum() == 2 * 8 * 3  # full lungs, behind the clavicles too
+    assert labels[1, 2] == 3 and labels[6, 2] == 1 and labels[6, 4] == 2 and labels[0, 0] == 0
+    failed = {"pred": logits, "rows": 0, "columns": 0, "error": "broken"}
+    assert LabelMapd("pred", ANATOMY)(ResizeToNatived("pred")(failed))["pred"] is logits  # error records pass
+    with pytest.raises(ValueError, match="output channels"):
+        Probabilitiesd("pred", ["background", "lungs"])({"pred": torch.zeros(4, 2, 2), "error": ""})
+
+
+def test_find_inputs_recursive_with_names_and_skips(tmp_path):
+    from scripts.inference import find_inputs
+
+    root = tmp_path / "in"
+    (root / "a" / "b").mkdir(parents=True)
+    (root / ".hidden").mkdir()
+    img = Image.fromarray(np.zeros((8, 8), np.uint8))
+    for rel in ("x.png", "a/b/y.jpg", "a/dup.png", ".hidden/z.png", ".dotfile.png"):
+        img.save(root / rel)
+    write_dicom(root / "a" / "dup.dcm", np.zeros((8, 8), np.uint8))
+    write_dicom(root / "a" / "1.2.840.99", np.zeros((8, 8), np.uint8))  # DICOM named by UID, no extension
+    (root / "notes.txt").write_text("not an image")
+    (root / "README").write_text("not an image either")
+    (root / "out").mkdir()
+    img.save(root / "out" / "x_seg.png")  # an earlier run's output inside the input folder
+    records = find_inputs(str(root), exclude=[str(root / "out")])
+    assert [(r["rel"], r["name"]) for r in records] == [
+        ("a/1.2.840.99", "a/1.2.840.99"),
+        ("a/b/y.jpg", "a/b/y"),
+        ("a/dup.dcm", "a/dup_dcm"),
+        ("a/dup.png", "a/dup_png"),
+        ("x.png", "x"),
+    ]
+    assert all(os.path.isabs(r["image"]) for r in records)
+    assert find_inputs(str(tmp_path / "missing")) == []
+    assert [r["rel"] for r in find_inputs(str(root / "x.png"))] == ["x.png"]
+
+
+# ---- configs ---------------------------------------------------------------------------------------
+
+
+def test_preprocessing_is_the_image_part_of_train_yaml(jsrt_scr):
+    """Both configs' chains on a real radiograph give the same image tensor: they cannot drift apart."""
+    from monai.bundle import ConfigParser
+
+    stem = sorted((jsrt_scr / "images").glob("*.png"))[0].name
+    image, label = str(jsrt_scr / "images" / stem), str(jsrt_scr / "masks" / stem)
+    tensors = []
+    for config, item in ((TRAIN, {"image": image, "label": label}), (INFER, {"image": image})):
+        parser = ConfigParser()
+        parser.read_config(config)
+        parser["spatial_size"] = [128, 96]
+        parser["clahe_clip_limit"] = 3.0
+        chain = parser.get_parsed_content("preprocessing")
+        transforms = chain.transforms if hasattr(chain, "transforms") else chain
+        data = dict(item)
+        for t in transforms:
+            data = t(data)
+        tensors.append(data["image"])
+        names = [type(t).__name__ for t in transforms if "image" in t.keys]  # train's label-only steps left out
+        assert names == ["LoadImaged", "EnsureChannelFirstd", "ScaleIntensityRangePercentilesd", "Resized",
+                         "CLAHEd", "EnsureTyped"]
+    train_image, infer_image = tensors
+    assert tuple(infer_image.shape) == (1, 128, 96) and infer_image.dtype == torch.float32
+    assert torch.equal(train_image.as_tensor(), infer_image.as_tensor())
+
+
+def test_config_has_zoo_inference_properties_and_overrides(tmp_path):
+    wf = _workflow(tmp_path, input_dir=str(tmp_path), num_classes=4, class_names=ANATOMY, model_file="m.pt")
+    wf.initialize()
+    assert not wf.check_properties()
+    parser = wf.parser
+    assert parser.get_parsed_content("network_def").out_channels == 4
+    assert parser.get_parsed_content("ckpt_path") == str(BUNDLE) + "/models/m.pt"
+    assert parser.get_parsed_content("dataset_dir") == str(tmp_path)
+    assert parser.get_parsed_content("writer").columns[-2:] == ["cardiothoracic_ratio", "qc_flags"]
+    assert str(BUNDLE) in sys.path[:2]
+
+    merged = _workflow(tmp_path, config_file=[INFER, str(BUNDLE / "configs" / "invertednet.yaml")],
+                       input_dir=str(tmp_path))
+    merged.initialize()
+    assert not merged.check_properties()
+    assert type(merged.parser.get_parsed_content("network_def")).__name__ == "InvertedNet"
+
+
+def test_anatomy_override_merges_onto_inference_yaml(tmp_path):
+    """anatomy.yaml merges onto inference.yaml alone (its +train/+validate entries are unused there);
+    its dataset_dir and output_dir must not move the inputs or beat --output_dir."""
+    anatomy = BUNDLE / "configs" / "anatomy.yaml"
+    wf = _workflow(tmp_path, config_file=[INFER, str(anatomy)], input_dir=str(tmp_path))
+    wf.initialize()
+    assert not wf.check_properties()
+    parser = wf.parser
+    names = parser.get_parsed_content("class_names")
+    assert names == ANATOMY
+    assert parser.get_parsed_content("network_def").out_channels == parser.get_parsed_content("num_classes")
+    from scripts.inference import output_mode
+
+    assert output_mode(parser.get_parsed_content("num_classes"), names) in ("softmax", "sigmoid")
+    assert parser.get_parsed_content("ckpt_path").endswith("/models/model_anatomy.pt")
+    assert parser.get_parsed_content("datalist") == []  # input_dir (empty here), not anatomy's dataset_dir
+    assert parser.get_parsed_content("output_dir") == str(tmp_path / "out")
+
+
+# ---- end to end ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def mixed_folder(tmp_path, montgomery):
+    """A folder of the same real radiograph in every format, another one nested, and broken files."""
+    first, second = sorted((montgomery / "images").glob("*.png"))[:2]
+    pixels = np.asarray(Image.open(first))
+    root = tmp_path / "in"
+    (root / "png" / "deeper" / "nested").mkdir(parents=True)
+    (root / "dicom").mkdir()
+    (root / "nifti").mkdir()
+    shutil.copy(first, root / "png" / "ref.png")
+    shutil.copy(second, root / "png" / "deeper" / "nested" / second.name)
+    Image.fromarray(pixels.astype(np.uint16) * 257).save(root / "png" / "ref16.png")
+    Image.fromarray(np.stack([pixels] * 3, -1)).save(root / "png" / "rgb.jpg", quality=95)
+    import nibabel as nib
+
+    nib.save(nib.Nifti1Image(pixels.T.astype(np.float32), np.diag([0.4, 0.4, 1, 1])), root / "nifti" / "ref.nii.gz")
+    write_dicom(root / "dicom" / "plain.dcm", pixels)  # MONOCHROME2, 8-bit
+    write_dicom(root / "dicom" / "mono1.dcm", 255 - pixels, monochrome1=True, sop_class="CR")
+    write_dicom(root / "dicom" / "IM0001", pixels.astype(np.uint16) * 15 + 100, bits_stored=12,  # no extension
+                rescale=(2.0, -50.0), window=(4000.0, 9000.0))  # the window holds all values: linear
+    write_dicom(root / "dicom" / "j2k.dcm", pixels.astype(np.uint16) * 256, bits_stored=16, compress="j2k")
+    broken = write_broken_files(root / "broken", first, pixels)
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 3), np.float32), np.eye(4)), root / "broken" / "volume.nii.gz")
+    broken["volume.nii.gz"] = "expected a 2D NIfTI image"
+    (root / "notes.txt").write_text("not an image: not listed")
+    return root, {f"broken/{k}": v for k, v in broken.items()}
+
+
+def test_cli_segments_a_mixed_folder_and_reports_broken_files(tmp_path, mixed_folder):
+    root, broken = mixed_folder
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "inference", "--bundle_root", "bundle",
+           "--config_file", "bundle/configs/inference.yaml", "--input_dir", str(root), "--output_dir", str(out),
+           "--ckpt_path", str(_weights(tmp_path / "w.pt")), "--spatial_size", "[64,64]", "--batch_size", "3",
+           "--num_workers", "1"]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-3000:]
+
+    good = ["dicom/IM0001", "dicom/j2k.dcm", "dicom/mono1.dcm", "dicom/plain.dcm", "nifti/ref.nii.gz",
+            "png/deeper/nested/MCUCXR_0002_0.png", "png/ref.png", "png/ref16.png", "png/rgb.jpg"]
+    rows = _rows(out / "results.csv")
+    assert sorted(rows) == sorted(good + list(broken))  # notes.txt is not an input
+    assert f"inference: {len(good)} succeeded, {len(broken)} failed -> {out}" in log
+    for rel, reason in broken.items():
+        assert rows[rel]["status"] == "failed" and reason in rows[rel]["error"], rows[rel]
+        assert f"failed {root / rel}: " in log
+        stem = rel.split(".")[0]
+        assert not list(out.glob(f"{stem}*"))
+
+    ref = _mask(out / "png" / "ref_seg.png")
+    assert ref.shape == (256, 256) and set(np.unique(ref)) == {0, 1}
+    for rel in good:
+        row = rows[rel]
+        assert row["status"] == "ok" and row["error"] == "", row
+        name = out / rel.replace(".nii.gz", "").rsplit(".", 1)[0] if "." in Path(rel).name else out / rel
+        mask = _mask(f"{name}_seg.png")
+        assert mask.dtype == np.uint8 and mask.shape == (int(row["rows"]), int(row["columns"])) == (256, 256)
+        assert Path(f"{name}_overlay.png").is_file()
+        assert Path(f"{name}_seg.dcm").is_file() == rel.startswith("dicom/")
+        assert int(row["lung_area_px"]) == int((mask == 1).sum())
+        assert int(row["right_lung_area_px"]) + int(row["left_lung_area_px"]) == int(row["lung_area_px"])
+        if rel != "png/deeper/nested/MCUCXR_0002_0.png":
+            # same pixels (up to a linear map) through every format: the same mask
+            agreement = (mask == ref).mean()
+            assert agreement >= (0.98 if rel == "png/rgb.jpg" else 0.999), (rel, agreement)
+    for rel in ("dicom/plain.dcm", "dicom/mono1.dcm", "dicom/j2k.dcm", "nifti/ref.nii.gz"):
+        name = out / rel.replace(".nii.gz", "").replace(".dcm", "")
+        np.testing.assert_array_equal(_mask(f"{name}_seg.png"), ref, err_msg=rel)
+
+    # spacing: ImagerPixelSpacing 0.5 mm (DICOM), 0.4 mm (NIfTI), unknown for PNG
+    assert rows["dicom/plain.dcm"]["spacing_mm"] == "0.5"
+    plain = rows["dicom/plain.dcm"]
+    assert float(plain["lung_area_cm2"]) == pytest.approx(int(plain["lung_area_px"]) * 0.5 * 0.5 / 100, abs=1e-3)
+    assert rows["nifti/ref.nii.gz"]["spacing_mm"] == "0.4"
+    assert rows["png/ref.png"]["spacing_mm"] == "" and rows["png/ref.png"]["lung_area_cm2"] == ""
+
+    # the DICOM SEG references its source image and holds one segment per class but background
+    import pydicom
+
+    source = pydicom.dcmread(root / "dicom" / "mono1.dcm", stop_before_pixels=True)
+    seg = pydicom.dcmread(out / "dicom" / "mono1_seg.dcm")
+    assert seg.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.4" and seg.Modality == "SEG"
+    assert len(seg.SegmentSequence) == 1 and seg.SegmentSequence[0].SegmentLabel == "lungs"
+    refs = seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence
+    assert [r.ReferencedSOPInstanceUID for r in refs] == [source.SOPInstanceUID]
+    assert seg.StudyInstanceUID == source.StudyInstanceUID and seg.PatientID == source.PatientID
+    np.testing.assert_array_equal(seg.pixel_array.astype(np.uint8), ref)
+
+    # atomic writes leave no temporary files behind
+    leftovers = [p for p in out.rglob("*") if p.name.startswith(".") or p.name.endswith((".tmp", ".partial"))]
+    assert not leftovers
+
+
+def test_anatomy_model_dicom_seg_segments_and_fail_on_error(tmp_path, montgomery):
+    """The anatomy model (3 sigmoid channels: lungs, heart, clavicles): heart columns and CTR in the CSV,
+    three segments in the SEG; fail_on_error raises after every output and results.csv are written."""
+    import pydicom
+
+    pixels = np.asarray(Image.open(sorted((montgomery / "images").glob("*.png"))[0]))
+    root = tmp_path / "in"
+    root.mkdir()
+    write_dicom(root / "a.dcm", pixels, spacing=(0.2, 0.2))
+    write_dicom(root / "b.dcm", pixels, rescale=(1.0, 0.0), compress="rle")
+    (root / "c.png").write_bytes(b"")
+    wf = _workflow(tmp_path, input_dir=str(root), num_classes=3, class_names=ANATOMY, spatial_size=[64, 64],
+                   batch_size=2, ckpt_path=str(_weights(tmp_path / "w3.pt", num_classes=3)), fail_on_error=True)
+    wf.initialize()
+    with pytest.raises(RuntimeError) as info:
+        wf.run()
+    wf.finalize()
+    assert "inference: 1 of 3 input(s) failed, see" in _cause(info.value, RuntimeError)
+    out = tmp_path / "out"
+    with open(out / "results.csv", newline="") as f:
+        header = next(csv.reader(f))
+    assert header[:6] == ["path", "status", "error", "rows", "columns", "spacing_mm"]
+    assert {"heart_area_px", "heart_area_cm2", "clavicles_area_px", "cardiothoracic_ratio", "qc_flags"} <= set(header)
+    rows = _rows(out / "results.csv")
+    assert rows["c.png"]["status"] == "failed" and "empty" in rows["c.png"]["error"]
+    assert rows["a.dcm"]["status"] == rows["b.dcm"]["status"] == "ok"
+    mask = _mask(out / "a_seg.png")
+    assert set(np.unique(mask)) <= {0, 1, 2, 3} and len(np.unique(mask)) > 1
+    np.testing.assert_array_equal(_mask(out / "b_seg.png"), mask)  # RLE-compressed copy: same mask
+    seg = pydicom.dcmread(out / "a_seg.dcm")
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == ["lungs", "heart", "clavicles"]
+    meanings = [s.SegmentedPropertyTypeCodeSequence[0].CodeMeaning for s in seg.SegmentSequence]
+    assert meanings == ["Lung", "Heart", "Clavicle"]
+    assert seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0].ReferencedSOPInstanceUID == \
+        pydicom.dcmread(root / "a.dcm", stop_before_pixels=True).SOPInstanceUID
+    # the SEG holds the full structures (they may overlap); the label map gives overlaps to the later class
+    frames = seg.pixel_array.reshape(3, *mask.shape).astype(bool)
+    heart = frames[1]
+    assert int(rows["a.dcm"]["heart_area_px"]) == int(heart.sum())
+    assert float(rows["a.dcm"]["heart_area_cm2"]) == pytest.approx(heart.sum() * 0.0004, abs=1e-3)
+    assert int(rows["a.dcm"]["lung_area_px"]) == int(frames[0].sum())
+    np.testing.assert_array_equal(mask == 3, frames[2])
+    np.testing.assert_array_equal(mask == 2, heart & ~frames[2])
+
+
+def test_missing_weights_or_inputs_stop_with_a_clear_error(tmp_path):
+    (tmp_path / "in").mkdir()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "in" / "x.png")
+    wf = _workflow(tmp_path, input_dir=str(tmp_path / "in"), ckpt_path=str(tmp_path / "none.pt"))
+    wf.initialize()
+    with pytest.raises(RuntimeError) as info:
+        wf.run()
+    assert "no model weights at" in _cause(info.value, FileNotFoundError)
+    wf = _workflow(tmp_path, input_dir=str(tmp_path / "nothing"), ckpt_path=str(_weights(tmp_path / "w.pt")))
+    wf.initialize()
+    with pytest.raises(RuntimeError) as info:
+        wf.run()
+    assert "no radiograph" in _cause(info.value, FileNotFoundError)
