@@ -124,3 +124,20 @@ def test_anatomy_tiny_training_writes_its_model_and_evaluates_per_structure(tmp_
         for s in ("lungs", "heart", "clavicles"):
             assert 0 <= float(r[f"{s}_dice"]) <= 1 and f"{s}_hd95" in r and f"{s}_assd" in r
     assert len(list((eval_dir / "overlays").glob("jsrt_scr_*.png"))) == 2
+
+
+def test_anatomy_loss_fits_overlapping_structures():
+    """A prediction equal to a multi-label target (a pixel in lungs and clavicles) must cost almost nothing;
+    a softmax cross-entropy across the channels (DiceCELoss with 3 channels) cannot get there."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config([str(BUNDLE / "configs" / "train.yaml"), str(BUNDLE / "configs" / "anatomy.yaml")])
+    loss = parser.get_parsed_content("loss")
+    target = torch.zeros(1, 3, 16, 16)
+    target[:, 0, 2:14, 2:8] = 1  # lungs
+    target[:, 1, 6:12, 8:12] = 1  # heart
+    target[:, 2, 2:4, 2:8] = 1  # clavicles, inside the lungs
+    logits = target * 20 - 10
+    assert float(loss(logits, target)) < 0.01
+    assert float(loss(-logits, target)) > 1.0
