@@ -422,7 +422,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Non
 def _save_png(array: np.ndarray, path: str) -> None:
     from PIL import Image
 
-    atomic_write(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
+    # compress_level 1: about 3x faster than PIL's default 6 for 20-50 % larger files
+    atomic_write(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG", compress_level=1))
 
 
 def class_colours(class_names: Sequence[str]) -> dict[int, tuple[int, int, int]]:
@@ -435,7 +436,7 @@ def class_colours(class_names: Sequence[str]) -> dict[int, tuple[int, int, int]]
 def display_image(image: np.ndarray) -> np.ndarray:
     """8-bit grey display of a radiograph: the 0.5-99.5 percentile range stretched to 0-255."""
     image = np.asarray(image, dtype=np.float32)
-    low, high = np.percentile(image, (0.5, 99.5))
+    low, high = np.percentile(image[::2, ::2], (0.5, 99.5))  # every 4th pixel is plenty for display
     scaled = (image - low) / max(float(high - low), 1e-6)
     return np.rint(np.clip(scaled, 0.0, 1.0) * 255).astype(np.uint8)
 
