@@ -77,3 +77,18 @@ def test_monai_loader_with_reader_keeps_orientation_and_spacing(tmp_path):
     assert tuple(img.shape) == (40, 60)
     np.testing.assert_array_equal(img.numpy(), pixels)
     assert img.meta["spacing_known"] is False
+
+
+def test_load_radiographd_does_not_fall_back_to_other_readers(tmp_path):
+    """A 3D NIfTI is no radiograph: MONAI's NibabelReader could read it, LoadRadiographd must refuse it."""
+    import nibabel as nib
+    from monai.transforms import LoadImaged
+
+    from scripts.transforms import LoadRadiographd
+
+    path = str(tmp_path / "volume.nii.gz")
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.float32), np.eye(4)), path)
+    assert LoadImaged("image", reader=RadiographReader, image_only=True)({"image": path})["image"].ndim == 3
+    with pytest.raises(Exception) as info:
+        LoadRadiographd("image")({"image": path})
+    assert "expected a 2D NIfTI image" in str(info.value) and "volume.nii.gz" in str(info.value)

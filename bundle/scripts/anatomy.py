@@ -65,6 +65,7 @@ class LoadStructuresd(MapTransform):
         self.structures = tuple(structures)
         self.structures_dir = structures_dir
         self.loader = LoadImage(reader=RadiographReader, image_only=True, ensure_channel_first=True)
+        self.reader = RadiographReader()  # given at call time: no fallback to MONAI's other readers
 
     def __call__(self, data: Mapping[Hashable, str]) -> dict:
         d = dict(data)
@@ -76,7 +77,7 @@ class LoadStructuresd(MapTransform):
                     raise FileNotFoundError(
                     f"{path}: missing mask of the structure {path.parent.name!r} for {label_path} "
                     f"(expected <dataset>/{self.structures_dir}/<name>/<stem>.png)")
-                masks.append(self.loader(str(path)) > 0)
+                masks.append(self.loader(str(path), reader=self.reader) > 0)
             shapes = {tuple(m.shape) for m in masks}
             if len(shapes) != 1:
                 raise ValueError(f"{label_path}: the structure masks differ in size {sorted(shapes)}")

@@ -111,13 +111,8 @@ def find_inputs(input_dir: str, exclude: Sequence[str] = (), image_key: str = "i
 # ---- dataset -------------------------------------------------------------------------------------
 
 
-def describe_error(exc: BaseException, path: str | None = None) -> str:
-    """One line saying why a file failed: the reader's reason when known, else the innermost exception.
-
-    MONAI's ``LoadImage`` reports a reader's failure as a ``RuntimeError`` holding tracebacks (and
-    tries its other readers first), so when no :class:`RadiographReadError` is in the chain the file
-    is read once more with :func:`read_radiograph` to get its reason.
-    """
+def describe_error(exc: BaseException) -> str:
+    """One line saying why a file failed: the reader's reason when known, else the innermost exception."""
     chain, e = [], exc
     while e is not None and e not in chain:
         chain.append(e)
@@ -125,13 +120,6 @@ def describe_error(exc: BaseException, path: str | None = None) -> str:
     for e in chain:
         if isinstance(e, RadiographReadError):
             return e.reason
-    if path is not None:
-        try:
-            read_radiograph(path)
-        except RadiographReadError as e:
-            return e.reason
-        except Exception:  # noqa: BLE001 - fall back to the original exception
-            pass
     inner = chain[-1]
     message = " ".join(str(inner).split()) or repr(inner)
     return f"{type(inner).__name__}: {message}"[:500]
@@ -145,9 +133,6 @@ class InferenceDataset(Dataset):
     NaN when the file gives none), ``format`` (dicom, pil, nifti) and ``error`` ("" when the file was
     read). An error record has a zero image, so batches keep one shape; post-processing and the
     writer skip it.
-
-    The image must be read by ``scripts.io.RadiographReader``: an image that MONAI read with another
-    reader after ours failed (``LoadImage`` falls back to its default readers) is treated as failed.
     """
 
     def __init__(self, data: Sequence[dict], transform: Callable, spatial_size: Sequence[int],
@@ -175,9 +160,6 @@ class InferenceDataset(Dataset):
         try:
             image = self.transform(dict(item))[self.image_key]
             meta = image.meta
-            if "source_format" not in meta:  # another MONAI reader took over after RadiographReader failed
-                read_radiograph(path)  # raises with the reason
-                raise RadiographReadError(path, "not read by scripts.io.RadiographReader")
             rows, columns = (int(s) for s in meta["spatial_shape"][:2])
             # the reader's affine holds the file's spacing; "affine" itself follows the resize
             original = np.asarray(meta.get("original_affine", meta["affine"]))
@@ -186,7 +168,7 @@ class InferenceDataset(Dataset):
                                 str(meta["source_format"]), "")
         except Exception as e:  # noqa: BLE001 - any failure of one file makes an error record
             blank = torch.zeros((1, *self.spatial_size), dtype=torch.float32)
-            return self._record(item, blank, 0, 0, None, "", describe_error(e, path))
+            return self._record(item, blank, 0, 0, None, "", describe_error(e))
 
 
 # ---- post-processing -----------------------------------------------------------------------------

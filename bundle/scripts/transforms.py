@@ -8,8 +8,27 @@ import cv2
 import numpy as np
 import torch
 from monai.config import KeysCollection
-from monai.transforms import MapTransform, Transform
+from monai.transforms import LoadImaged, MapTransform, Transform
 from monai.utils import convert_to_dst_type, convert_to_numpy
+
+from .io import RadiographReader
+
+
+class LoadRadiographd(LoadImaged):
+    """``LoadImaged`` with :class:`scripts.io.RadiographReader` alone, channel first: (1, rows, columns).
+
+    MONAI's ``LoadImaged(reader=...)`` falls back to its other readers when the given one fails, which
+    can read a file that ours rejects (a 3D NIfTI, say) or transpose a PNG. Here a failure raises
+    ``RadiographReadError`` naming the file and the reason.
+    """
+
+    def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False):
+        super().__init__(keys, reader=RadiographReader, image_only=True, ensure_channel_first=True,
+                         allow_missing_keys=allow_missing_keys)
+        self.radiograph_reader = RadiographReader()
+
+    def __call__(self, data, reader=None):
+        return super().__call__(data, reader=self.radiograph_reader)
 
 
 class CLAHE(Transform):
