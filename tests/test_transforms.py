@@ -58,3 +58,18 @@ def test_clahe_dict_keeps_metatensor_and_other_keys():
 def test_clahe_rejects_other_bins():
     with pytest.raises(ValueError, match="bins"):
         CLAHE(bins=1024)
+
+
+def test_scale_percentiles_matches_monai_and_keeps_meta():
+    from monai.transforms import ScaleIntensityRangePercentiles
+
+    from scripts.transforms import ScalePercentilesd
+
+    rng = np.random.default_rng(1)
+    image = MetaTensor(torch.from_numpy(rng.gamma(2.0, 300.0, (1, 64, 80)).astype(np.float32)),
+                       meta={"filename_or_obj": "x.dcm"})
+    ours = ScalePercentilesd("image", 0.5, 99.5)({"image": image})["image"]
+    monai = ScaleIntensityRangePercentiles(0.5, 99.5, 0.0, 1.0, clip=True)(image)
+    assert isinstance(ours, MetaTensor) and ours.meta["filename_or_obj"] == "x.dcm"
+    assert float(ours.min()) == 0.0 and float(ours.max()) == 1.0
+    torch.testing.assert_close(ours.as_tensor(), monai.as_tensor(), atol=1e-5, rtol=0)

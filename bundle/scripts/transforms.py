@@ -31,6 +31,27 @@ class LoadRadiographd(LoadImaged):
         return super().__call__(data, reader=self.radiograph_reader)
 
 
+class ScalePercentilesd(MapTransform):
+    """Scale intensities so that the ``lower`` and ``upper`` percentiles map to 0 and 1, clipped to [0, 1].
+
+    The same result as MONAI's ``ScaleIntensityRangePercentilesd(lower, upper, 0, 1, clip=True)``, with the
+    percentiles from NumPy: ``torch.quantile`` takes about 10x longer on a radiograph. Metadata are kept.
+    """
+
+    def __init__(self, keys: KeysCollection, lower: float = 0.5, upper: float = 99.5, allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.lower, self.upper = float(lower), float(upper)
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = d[key]
+            low, high = np.percentile(convert_to_numpy(img), (self.lower, self.upper))
+            scaled = (img - low) / (high - low) if high > low else img - low
+            d[key] = scaled.clip(0.0, 1.0) if isinstance(scaled, np.ndarray) else scaled.clamp(0.0, 1.0)
+        return d
+
+
 class CLAHE(Transform):
     """Contrast-limited adaptive histogram equalisation (OpenCV) of a channel-first image in [0, 1].
 
