@@ -113,7 +113,7 @@ def main():
     for row in rows:
         row["speedup_vs_naive"] = row["images_per_s"] / base
     report = {
-        "command": "python " + " ".join([Path(__file__).name] + sys.argv[1:]),
+        "command": "python " + " ".join(["bench/" + Path(__file__).name] + sys.argv[1:]),
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
         f"torch {torch.__version__}",
         "settings": {k: v for k, v in vars(args).items() if k != "variant"},
