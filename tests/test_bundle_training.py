@@ -129,3 +129,19 @@ def test_training_learns_montgomery_lungs(tmp_path, montgomery):
     wf.finalize()
     print(f"\nlearning test: best validation Dice {best:.4f} after 12 epochs, {time.perf_counter() - start:.0f} s")
     assert best >= 0.85
+
+
+def test_pretrained_weights_are_the_starting_point(tmp_path, small_montgomery):
+    """`pretrained` loads a model.pt before the first step: with a learning rate of 0 the best model
+    saved after one epoch is exactly those weights (a fresh network would be seeded noise)."""
+    shipped = BUNDLE / "models" / "model.pt"
+    wf = _workflow(tmp_path, dataset_dir=str(small_montgomery), spatial_size=[64, 64], batch_size=4,
+                   max_epochs=1, learning_rate=0.0, pretrained=str(shipped))
+    wf.initialize()
+    wf.run()
+    wf.finalize()
+    saved = torch.load(tmp_path / "ckpt" / "model.pt", map_location="cpu", weights_only=True)
+    expected = torch.load(shipped, map_location="cpu", weights_only=True)
+    assert saved.keys() == expected.keys()
+    for name, value in expected.items():
+        torch.testing.assert_close(saved[name], value, rtol=0, atol=0, msg=name)
