@@ -413,3 +413,25 @@ def test_missing_weights_or_inputs_stop_with_a_clear_error(tmp_path):
     with pytest.raises(RuntimeError) as info:
         wf.run()
     assert "no radiograph" in _cause(info.value, FileNotFoundError)
+
+
+@pytest.mark.parametrize("width, expected_width", [(256, 512), (700, 700), (2048, 1024)])
+def test_overlay_is_screen_sized_and_written_as_rgb_png(tmp_path, width, expected_width):
+    """Narrow images are enlarged, wide ones reduced (the mask keeps the native size); the PNG on disk
+    has the overlay's pixels in RGB order."""
+    from scripts.inference import _save_png, make_overlay
+
+    height = width * 5 // 4
+    image = np.tile(np.linspace(0, 4095, width, dtype=np.float32), (height, 1))
+    masks = np.zeros((1, height, width), np.uint8)
+    masks[0, height // 4 : height // 2, width // 8 : width // 2] = 1
+    overlay = make_overlay(image, masks, ["background", "lungs"], [("lungs", (40, 220, 90))])
+    assert overlay.dtype == np.uint8 and overlay.shape[1:] == (expected_width, 3)
+    assert overlay.shape[0] > round(height * expected_width / width)  # the legend band below the picture
+    centre = overlay[round(3 * height / 8 * expected_width / width), round(5 * width / 16 * expected_width / width)]
+    assert centre[1] > centre[0] + 20 and centre[1] > centre[2] + 20  # the lungs' green over a grey image
+
+    path = tmp_path / "overlay.png"
+    _save_png(overlay, str(path))
+    with Image.open(path) as written:
+        assert written.mode == "RGB" and (np.asarray(written) == overlay).all()

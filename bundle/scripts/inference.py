@@ -402,10 +402,19 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Non
 
 
 def _save_png(array: np.ndarray, path: str) -> None:
-    from PIL import Image
+    """Write a grey (H, W) or RGB (H, W, 3) uint8 array as PNG, atomically.
 
-    # compress_level 1: about 3x faster than PIL's default 6 for 20-50 % larger files
-    atomic_write(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG", compress_level=1))
+    zlib level 1 with the FILTERED strategy: about 4x faster than PIL's default level 6 and 30 % faster
+    than level 1 with the default strategy, for files about as small (bench/README.md, "stages")."""
+    import cv2
+
+    if array.ndim == 3:
+        array = array[..., ::-1]  # OpenCV writes BGR
+    params = [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_FILTERED]
+    ok, encoded = cv2.imencode(".png", np.ascontiguousarray(array), params)
+    if not ok:
+        raise OSError(f"could not encode {path} as PNG")
+    atomic_write(path, lambda tmp: encoded.tofile(tmp))
 
 
 def class_colours(class_names: Sequence[str]) -> dict[int, tuple[int, int, int]]:
@@ -424,7 +433,12 @@ def display_image(image: np.ndarray) -> np.ndarray:
 
 
 def make_overlay(
-    image: np.ndarray, masks: np.ndarray, class_names: Sequence[str], legend: Sequence[tuple], min_width: int = 512
+    image: np.ndarray,
+    masks: np.ndarray,
+    class_names: Sequence[str],
+    legend: Sequence[tuple],
+    min_width: int = 512,
+    max_width: int = 1024,
 ) -> np.ndarray:
     """RGB overlay: the radiograph, each class filled translucently and outlined, and a legend band below.
 
@@ -434,15 +448,22 @@ def make_overlay(
         legend: lines of the legend band, each ``(text, RGB colour or None)``; a colour draws a swatch.
         min_width: images narrower than this are enlarged by an integer factor, so that outlines
             and legend stay legible (the overlay is for viewing; the mask keeps the native size).
+        max_width: images wider than this are reduced to this width: a 3000 px radiograph gives a
+            screen-sized overlay, about 9x faster to draw and write than at full size.
     """
     import cv2
 
     grey = display_image(image)
     masks = [np.asarray(m, dtype=np.uint8) for m in masks]
-    factor = max(1, math.ceil(min_width / grey.shape[1]))
-    if factor > 1:
-        size = (grey.shape[1] * factor, grey.shape[0] * factor)
+    width, height = grey.shape[1], grey.shape[0]
+    if width < min_width:
+        factor = math.ceil(min_width / width)
+        size = (width * factor, height * factor)
         grey = cv2.resize(grey, size, interpolation=cv2.INTER_LINEAR)
+        masks = [cv2.resize(m, size, interpolation=cv2.INTER_NEAREST) for m in masks]
+    elif width > max_width:
+        size = (max_width, max(1, round(height * max_width / width)))
+        grey = cv2.resize(grey, size, interpolation=cv2.INTER_AREA)
         masks = [cv2.resize(m, size, interpolation=cv2.INTER_NEAREST) for m in masks]
     rgb = np.repeat(grey[..., None], 3, axis=-1).astype(np.float32)
     rows, columns = grey.shape
