@@ -59,6 +59,24 @@ def test_metrics_per_structure_keep_their_channel_and_handle_empty_masks():
         segmentation_metrics(pred, ref[:2])
 
 
+@pytest.mark.parametrize("background_channel", [True, False])
+def test_clean_structures_removes_islands_and_fills_holes_like_inference(background_channel):
+    from scripts.evaluation import CleanStructuresd
+
+    lungs = np.zeros((32, 32), np.float32)
+    lungs[4:20, 2:12] = 1
+    lungs[4:20, 18:28] = 1
+    lungs[10, 6] = 0  # a hole
+    lungs[28:30, 14:16] = 1  # a third, small island
+    channels = [1 - lungs, lungs] if background_channel else [lungs]
+    out = CleanStructuresd("pred", ["background", "lungs"], {"lungs": 2})({"pred": torch.tensor(np.stack(channels))})
+    cleaned = out["pred"][-1].numpy()
+    assert cleaned[10, 6] == 1 and cleaned[28:30, 14:16].sum() == 0
+    assert cleaned.sum() == 2 * 16 * 10
+    if background_channel:
+        assert (out["pred"][0].numpy() == 1 - cleaned).all()
+
+
 def test_report_scores_the_structure_channels_and_writes_the_files(tmp_path):
     """With a softmax model the output has a background channel first: the report must skip it."""
     from PIL import Image
@@ -148,3 +166,14 @@ def test_evaluate_cli_on_a_tiny_model_scores_at_native_size(tmp_path, small_mont
     for png in [*(eval_dir / "overlays").iterdir(), eval_dir / "training_curves.png"]:
         with Image.open(png) as im:
             assert im.width > 200 and im.height > 200
+
+
+@pytest.mark.parametrize("clean", [True, False])
+def test_eval_clean_adds_the_clean_up_to_the_post_processing(clean):
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config([TRAIN, EVALUATE])
+    parser["eval_clean"] = clean
+    names = [type(t).__name__ for t in parser.get_parsed_content("validate#postprocessing").transforms]
+    assert ("CleanStructuresd" in names) == clean and names[0] == "NativeResolutiond"

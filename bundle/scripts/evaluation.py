@@ -3,6 +3,7 @@
 - :class:`NativeResolutiond` (post-processing): re-reads the label at its native size and resizes the
   network's logits to that size, before the usual discretisation (argmax or threshold), so that every
   metric compares arrays of the reference mask's own shape;
+- :class:`CleanStructuresd` (post-processing, with ``eval_clean``): inference's component and hole clean-up;
 - :func:`segmentation_metrics`: Dice, IoU (Jaccard), HD95 and ASSD of each structure with MONAI's
   ``DiceMetric``, ``MeanIoU``, ``HausdorffDistanceMetric(percentile=95)`` and
   ``SurfaceDistanceMetric(symmetric=True)``; distances in mm when the pixel spacing is known, else px;
@@ -76,6 +77,38 @@ class NativeResolutiond(MapTransform):
             d[key] = pred
             label = label.to(pred.device)
         d[self.label_key] = label
+        return d
+
+
+class CleanStructuresd(MapTransform):
+    """Clean a discrete prediction as folder inference does (``scripts.inference.clean_structures``):
+    keep the largest components of each structure and fill enclosed holes, so that the evaluation scores
+    what inference writes.
+
+    The prediction is one-hot or multi-label, channel-first; its last ``len(class_names) - 1`` channels
+    are the structures ``class_names[1:]``; a channel before them (softmax background) becomes the
+    pixels of no structure.
+    """
+
+    def __init__(self, keys: KeysCollection, class_names: Sequence[str], max_components: Mapping[str, int] | None,
+                 fill_holes: bool = True, allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.class_names, self.max_components, self.fill_holes = list(class_names), max_components, fill_holes
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        from .inference import clean_structures
+
+        d = dict(data)
+        n = len(self.class_names) - 1
+        for key in self.key_iterator(d):
+            pred = d[key]
+            masks = clean_structures(pred[-n:].detach().cpu().numpy() > 0.5, self.class_names,
+                                     self.max_components, self.fill_holes)
+            out = pred.clone()
+            out[-n:] = torch.as_tensor(masks, dtype=pred.dtype, device=pred.device)
+            if pred.shape[0] > n:
+                out[0] = (out[-n:].sum(0) == 0).to(pred.dtype)
+            d[key] = out
         return d
 
 
