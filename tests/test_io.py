@@ -92,3 +92,94 @@ def test_load_radiographd_does_not_fall_back_to_other_readers(tmp_path):
     with pytest.raises(Exception) as info:
         LoadRadiographd("image")({"image": path})
     assert "expected a 2D NIfTI image" in str(info.value) and "volume.nii.gz" in str(info.value)
+
+
+# --- DICOM: the modality LUT, the VOI LUT or window, MONOCHROME1, spacing (fixtures written with pydicom) ---
+
+
+def _ramp12():
+    return (np.arange(64 * 64).reshape(64, 64) % 4096).astype(np.uint16)  # every 12-bit value range, no two rows alike
+
+
+def test_dicom_modality_lut_is_applied(tmp_path):
+    from dicom_fixtures import write_dicom
+
+    stored = _ramp12()
+    write_dicom(tmp_path / "a.dcm", stored, bits_stored=12, rescale=(2.0, -50.0))
+    array, meta = read_radiograph(tmp_path / "a.dcm")
+    np.testing.assert_array_equal(array, stored.astype(np.float32) * 2 - 50)
+    assert meta["format"] == "dicom"
+
+
+def test_dicom_window_clips_outside_and_keeps_order_inside(tmp_path):
+    from dicom_fixtures import write_dicom
+
+    stored = _ramp12()
+    # modality values 2v - 50 in [-50, 8140]; the window keeps [2000, 4000]
+    write_dicom(tmp_path / "w.dcm", stored, bits_stored=12, rescale=(2.0, -50.0), window=(3000.0, 2000.0))
+    array, _ = read_radiograph(tmp_path / "w.dcm")
+    values = stored.astype(np.float64) * 2 - 50
+    below, above, inside = values <= 1999, values >= 4001, (values > 2001) & (values < 3999)
+    assert np.unique(array[below]).size == 1 and np.unique(array[above]).size == 1
+    assert array[below][0] < array[inside].min() <= array[inside].max() < array[above][0]
+    order = np.argsort(values[inside])
+    assert np.all(np.diff(array[inside][order]) > 0)  # linear inside the window: no two values merged
+
+
+def test_dicom_voi_lut_sequence_is_applied(tmp_path):
+    """A VOI LUT Sequence (here an inverting table) takes the place of the window."""
+    import pydicom
+    from pydicom.dataset import Dataset
+
+    from dicom_fixtures import write_dicom
+
+    stored = _ramp12()
+    write_dicom(tmp_path / "lut.dcm", stored, bits_stored=12)
+    ds = pydicom.dcmread(tmp_path / "lut.dcm")
+    item = Dataset()
+    item.LUTDescriptor = [4096, 0, 16]
+    item.LUTData = (4095 - np.arange(4096, dtype="<u2")).tobytes()  # OW: 16-bit little-endian words
+    ds.VOILUTSequence = [item]
+    ds.save_as(tmp_path / "lut.dcm")
+    array, _ = read_radiograph(tmp_path / "lut.dcm")
+    np.testing.assert_array_equal(array, 4095 - stored.astype(np.float32))
+
+
+def test_dicom_monochrome1_reads_like_the_monochrome2_image(tmp_path):
+    from dicom_fixtures import write_dicom
+
+    pixels = (_gradient() * 255 // _gradient().max()).astype(np.uint8)  # 0..255: the inversion is exact
+    write_dicom(tmp_path / "m2.dcm", pixels)
+    write_dicom(tmp_path / "m1.dcm", 255 - pixels, monochrome1=True, sop_class="CR")
+    np.testing.assert_array_equal(read_radiograph(tmp_path / "m1.dcm")[0], read_radiograph(tmp_path / "m2.dcm")[0])
+
+
+def test_dicom_spacing_pixel_spacing_first_then_imager_pixel_spacing(tmp_path):
+    import pydicom
+
+    from dicom_fixtures import write_dicom
+
+    pixels = (_gradient() % 256).astype(np.uint8)
+    write_dicom(tmp_path / "imager.dcm", pixels, spacing=(0.2, 0.15))
+    assert read_radiograph(tmp_path / "imager.dcm")[1]["spacing"] == (0.2, 0.15)
+    ds = pydicom.dcmread(tmp_path / "imager.dcm")
+    ds.PixelSpacing = ["0.18", "0.14"]  # calibrated at the patient: preferred over the detector pitch
+    ds.save_as(tmp_path / "both.dcm")
+    assert read_radiograph(tmp_path / "both.dcm")[1]["spacing"] == (0.18, 0.14)
+    write_dicom(tmp_path / "none.dcm", pixels, spacing=None)
+    assert read_radiograph(tmp_path / "none.dcm")[1]["spacing"] is None
+
+
+def test_dicom_recognised_by_content_and_without_pixels_named(tmp_path):
+    from scripts.io import is_dicom
+
+    from dicom_fixtures import write_dicom
+
+    pixels = (_gradient() % 256).astype(np.uint8)
+    write_dicom(tmp_path / "IM0001", pixels)
+    assert is_dicom(tmp_path / "IM0001") and not is_dicom(tmp_path / "IM0001.txt")
+    np.testing.assert_array_equal(read_radiograph(tmp_path / "IM0001")[0], pixels)
+    write_dicom(tmp_path / "nopix.dcm", pixels, pixel_data=False)
+    with pytest.raises(RadiographReadError, match="no pixel data") as info:
+        read_radiograph(tmp_path / "nopix.dcm")
+    assert "nopix.dcm" in str(info.value)
