@@ -1,5 +1,6 @@
 """The weights in bundle/models: `run evaluating` on the shared validation split reproduces the Dice that
-metadata.json's `eval_metrics` (and the README's Results table) state for each of them."""
+metadata.json's `eval_metrics` (and the README's Results table) state for each of them; and the lung model
+gives one mask for a real radiograph whether it comes as PNG or as DICOM."""
 
 import csv
 import json
@@ -47,3 +48,38 @@ def test_shipped_weights_reproduce_their_eval_metrics(name, tmp_path):
         dice = {(r["dataset"], r["structure"]): float(r["mean"]) for r in csv.DictReader(f) if r["metric"] == "dice"}
     for key, meta_key in expected.items():
         assert dice[key] == pytest.approx(META[meta_key], abs=2e-3), f"{name}, {key}: Dice {dice[key]:.4f}"
+
+
+def test_shipped_lung_model_gives_one_mask_for_png_and_dicom(montgomery, tmp_path):
+    """A user's folder: one real radiograph as PNG and as a 12-bit MONOCHROME1 DICOM with rescale and window.
+    The shipped model gives the same mask for both, and it matches the expert's outline."""
+    import subprocess
+    import sys
+
+    import numpy as np
+    from PIL import Image
+
+    from conftest import REPO
+    from dicom_fixtures import write_dicom
+
+    name = sorted((montgomery / "images").glob("*.png"))[-1].name
+    pixels = np.asarray(Image.open(montgomery / "images" / name)).astype(np.uint16)
+    expert = np.asarray(Image.open(montgomery / "masks" / name)) > 0
+    (tmp_path / "in").mkdir()
+    Image.open(montgomery / "images" / name).save(tmp_path / "in" / "study.png")
+    # MONOCHROME1 (low stored values are bright), 12 bits; the modality LUT maps them to 0.5 * stored + 100
+    stored = 4085 - pixels * 16
+    write_dicom(tmp_path / "in" / "study_dx", stored, bits_stored=12, monochrome1=True, sop_class="CR",
+                rescale=(0.5, 100.0), window=(1124.0, 2100.0))  # the window holds every value: linear
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "inference", "--bundle_root", "bundle",
+           "--config_file", "bundle/configs/inference.yaml", "--input_dir", str(tmp_path / "in"),
+           "--output_dir", str(out), "--progress", "False", "--num_workers", "0"]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    png_mask = np.asarray(Image.open(out / "study_seg.png"))
+    dicom_mask = np.asarray(Image.open(out / "study_dx_seg.png"))
+    np.testing.assert_array_equal(dicom_mask, png_mask)
+    lungs = png_mask == 1
+    dice = 2 * (lungs & expert).sum() / (lungs.sum() + expert.sum())
+    assert dice >= 0.95, f"{name}: Dice {dice:.3f} against the expert mask"
