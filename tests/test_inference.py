@@ -435,3 +435,28 @@ def test_overlay_is_screen_sized_and_written_as_rgb_png(tmp_path, width, expecte
     _save_png(overlay, str(path))
     with Image.open(path) as written:
         assert written.mode == "RGB" and (np.asarray(written) == overlay).all()
+
+
+def test_writer_threads_write_what_the_evaluator_thread_writes(tmp_path, mixed_folder):
+    """Files written by the writer threads are the same as written in line, and results.csv keeps input order."""
+    root, broken = mixed_folder
+    weights = str(_weights(tmp_path / "w.pt"))
+    outputs = {}
+    for threads in (0, 2):
+        out = tmp_path / f"out{threads}"
+        wf = _workflow(tmp_path, input_dir=str(root), output_dir=str(out), ckpt_path=weights,
+                       spatial_size=[64, 64], batch_size=3, write_threads=threads, write_dicom_seg=False)
+        wf.initialize()
+        wf.run()
+        wf.finalize()
+        outputs[threads] = out
+    csv0, csv2 = ((outputs[t] / "results.csv").read_text() for t in (0, 2))
+    assert csv0 == csv2
+    from scripts.inference import find_inputs
+
+    paths = [row["path"] for row in csv.DictReader(csv0.splitlines())]
+    assert paths == [r["rel"] for r in find_inputs(str(root))] and len(paths) == 9 + len(broken)
+    files0 = sorted(p.relative_to(outputs[0]) for p in outputs[0].rglob("*.png"))
+    assert files0 == sorted(p.relative_to(outputs[2]) for p in outputs[2].rglob("*.png")) and len(files0) == 18
+    for rel in files0:
+        np.testing.assert_array_equal(_mask(outputs[0] / rel), _mask(outputs[2] / rel), err_msg=str(rel))

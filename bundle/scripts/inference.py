@@ -26,7 +26,9 @@ import logging
 import math
 import os
 import tempfile
+from collections import deque
 from collections.abc import Callable, Hashable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -551,6 +553,10 @@ class SegmentationWriter:
     ``results.csv.partial`` as they come and moved to ``results.csv`` when the run ends (also when it
     ends with an exception), so ``results.csv`` is never half written.
 
+    The files are written by ``write_threads`` threads while the network runs on the next batch (the
+    image codecs release the GIL); rows still go to ``results.csv`` in input order. ``write_threads``
+    0 writes in the evaluator's thread.
+
     Args:
         output_dir: the output folder.
         class_names: names of the class indices (``len(class_names)`` must be the network's outputs).
@@ -558,7 +564,10 @@ class SegmentationWriter:
         input_dir: the input folder, for the summary line.
         write_overlay, write_dicom_seg: which optional outputs to write.
         metadata_file: the bundle's metadata.json; its version goes into the DICOM SEGs.
+        write_threads: threads writing the files (0: none, write in the evaluator's thread).
     """
+
+    max_pending = 32  # items handed to the threads and not yet written: bounds the memory held
 
     def __init__(
         self,
@@ -569,6 +578,7 @@ class SegmentationWriter:
         write_overlay: bool = True,
         write_dicom_seg: bool = True,
         metadata_file: str | None = None,
+        write_threads: int = 2,
     ):
         self.class_names = [str(c) for c in class_names]
         if num_classes is not None:
@@ -589,7 +599,9 @@ class SegmentationWriter:
         self.n_ok = self.n_failed = 0
         self.failed: list[tuple[str, str]] = []
         self._csv = None
-        self._rows_written = 0
+        self.write_threads = int(write_threads)
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: deque[Future] = deque()
 
     # -- run checks --------------------------------------------------------------------------------
     def check_ready(self, datalist: Sequence[dict], ckpt_path: str) -> None:
@@ -626,6 +638,8 @@ class SegmentationWriter:
         self._csv = open(os.path.join(self.output_dir, RESULTS_CSV + ".partial"), "w", newline="")
         self._writer = csv.DictWriter(self._csv, fieldnames=self.columns, extrasaction="ignore")
         self._writer.writeheader()
+        if self.write_threads > 0:
+            self._pool = ThreadPoolExecutor(self.write_threads, thread_name_prefix="cxr-writer")
 
     def iteration_completed(self, engine) -> None:
         batch, output = engine.state.batch, engine.state.output
@@ -634,7 +648,11 @@ class SegmentationWriter:
 
             batch, output = decollate_batch(batch), decollate_batch(output)
         for item, out in zip(batch, output):
-            self.write_item(item, out)
+            if self._pool is None:
+                self._record(item, self.write_item(item, out))
+            else:
+                self._pending.append(self._pool.submit(lambda i=item, o=out: (i, self.write_item(i, o))))
+        self._collect(keep=self.max_pending)
         self._csv.flush()
 
     def completed(self, engine) -> None:
@@ -647,8 +665,8 @@ class SegmentationWriter:
 
     # -- one item ----------------------------------------------------------------------------------
     def write_item(self, item: Mapping, out: Mapping) -> dict:
-        """Write one item's outputs and its CSV row; returns the row."""
-        path, rel, error = str(item["path"]), str(item["rel"]), str(item.get("error") or "")
+        """Write one item's output files; returns its results.csv row. Never raises: a failure is the row's error."""
+        rel, error = str(item["rel"]), str(item.get("error") or "")
         row: dict = {"path": rel, "status": "ok", "error": ""}
         if not error:
             try:
@@ -657,13 +675,23 @@ class SegmentationWriter:
                 error = f"writing outputs failed: {describe_error(e)}"
         if error:
             row.update(status="failed", error=error)
+        return row
+
+    def _record(self, item: Mapping, row: dict) -> None:
+        """Count the item, log it when it failed and append its row to results.csv (evaluator's thread only)."""
+        if row["status"] == "failed":
+            path = str(item["path"])
             self.n_failed += 1
-            self.failed.append((path, error))
-            logger.warning(f"inference: failed {path}: {error}")
+            self.failed.append((path, row["error"]))
+            logger.warning(f"inference: failed {path}: {row['error']}")
         else:
             self.n_ok += 1
         self._writer.writerow({k: _format_number(v) if not isinstance(v, str) else v for k, v in row.items()})
-        return row
+
+    def _collect(self, keep: int) -> None:
+        """Record the written items in input order: all that are done, and wait until at most ``keep`` remain."""
+        while self._pending and (len(self._pending) > keep or self._pending[0].done()):
+            self._record(*self._pending.popleft().result())
 
     def _write_outputs(self, item: Mapping, out: Mapping) -> dict:
         labels = torch.as_tensor(out["pred"]).detach().cpu().numpy()
@@ -706,6 +734,10 @@ class SegmentationWriter:
     def _finish(self) -> None:
         if self._csv is None:
             return
+        self._collect(keep=0)
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
         self._close_csv()
         os.replace(self._csv.name, os.path.join(self.output_dir, RESULTS_CSV))
         self._csv = None
