@@ -314,13 +314,14 @@ def run_network(args) -> dict:
 
 
 def run_stages(args) -> dict:
-    """The bundle's evaluator in this process (num_workers 0, fp32) with each stage timed; the preprocessing runs
-    at 1 torch thread, as it does in the CLI's DataLoader workers (torch sets 1 thread there)."""
+    """The bundle's evaluator in this process (num_workers 0, write_threads 0, fp32) with each stage timed; the
+    preprocessing runs at 1 torch thread, as it does in the CLI's DataLoader workers (torch sets 1 thread there)."""
     import torch
 
     out = os.path.join(args.work_dir, "out_stages")
     parser = _parser({"input_dir": os.path.join(args.work_dir, "in"), "output_dir": out, "ckpt_path": args.weights,
-                      "batch_size": args.batch_size, "num_workers": 0, "progress": False})
+                      "batch_size": args.batch_size, "num_workers": 0, "progress": False,
+                      "write_threads": 0})  # stages one after the other, so that their times add up
     parser.get_parsed_content("initialize")
     import scripts.inference as si
 
@@ -485,9 +486,9 @@ def markdown(report: dict) -> str:
     if stages:
         lines += [
             "",
-            f"Where the time goes: the bundle's evaluator in one process (num_workers 0, fp32, {stages['n_images']} "
-            f"images, {stages['images_per_s']:.1f} images/s, one run; the preprocessing at 1 torch thread as in the "
-            "CLI's DataLoader workers, the rest at the default threads; network: whole batches):",
+            f"Where the time goes: the bundle's evaluator in one process (num_workers 0, write_threads 0, fp32, "
+            f"{stages['n_images']} images, {stages['images_per_s']:.1f} images/s, one run; the preprocessing at 1 torch "
+            "thread as in the CLI's DataLoader workers, the rest at the default threads; network: whole batches):",
             "",
             "| stage | s | ms/image | share |",
             "| --- | --- | --- | --- |",
