@@ -60,7 +60,8 @@ def run_variant(args) -> dict:
     parser = _parser(args)
     start = time.perf_counter()
     if args.variant == "naive":
-        dataset = Dataset(parser.get_parsed_content("datalist")["training"], parser.get_parsed_content("train#preprocessing"))
+        dataset = Dataset(parser.get_parsed_content("datalist")["training"],
+                          parser.get_parsed_content("train#preprocessing"))
         loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=0)
     else:
         loader = parser.get_parsed_content("train#dataloader")  # builds the cache

@@ -17,7 +17,6 @@ if str(BUNDLE) not in sys.path:
 from scripts.invertednet import InvertedNet  # noqa: E402
 
 
-
 @pytest.fixture(autouse=True, scope="module")
 def _single_thread():
     """The test networks are tiny: one intra-op thread is faster, and immune to oversubscribed CPUs."""

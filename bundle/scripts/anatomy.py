@@ -75,8 +75,8 @@ class LoadStructuresd(MapTransform):
             for path in structure_paths(label_path, self.structures, self.structures_dir):
                 if not path.is_file():
                     raise FileNotFoundError(
-                    f"{path}: missing mask of the structure {path.parent.name!r} for {label_path} "
-                    f"(expected <dataset>/{self.structures_dir}/<name>/<stem>.png)")
+                        f"{path}: missing mask of the structure {path.parent.name!r} for {label_path} "
+                        f"(expected <dataset>/{self.structures_dir}/<name>/<stem>.png)")
                 masks.append(self.loader(str(path), reader=self.reader) > 0)
             shapes = {tuple(m.shape) for m in masks}
             if len(shapes) != 1:

@@ -36,10 +36,10 @@ def find_pairs(entry: str | os.PathLike | dict, check_sizes: bool = True) -> lis
         DatasetError: the folder has no images, an image has no mask, or an image and its mask differ in size.
     """
     images_dir, masks_dir, name = _as_source(entry)
-    if not images_dir.is_dir():
-        raise DatasetError(f"{images_dir}: no such folder; a dataset folder holds images/ and masks/ (see data/README.md)")
-    if not masks_dir.is_dir():
-        raise DatasetError(f"{masks_dir}: no such folder; a dataset folder holds images/ and masks/ (see data/README.md)")
+    for folder in (images_dir, masks_dir):
+        if not folder.is_dir():
+            raise DatasetError(f"{folder}: no such folder; a dataset folder holds images/ and masks/ "
+                               "(see data/README.md)")
     images = sorted(p for p in images_dir.iterdir() if p.is_file() and is_supported(p))
     if not images:
         raise DatasetError(f"{images_dir}: no images found (expected PNG, JPEG, DICOM or NIfTI files)")

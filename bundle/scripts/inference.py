@@ -158,7 +158,6 @@ class InferenceDataset(Dataset):
 
     def _transform(self, index: int) -> dict:
         item = self.data[index]
-        path = item[self.image_key]
         try:
             image = self.transform(dict(item))[self.image_key]
             meta = image.meta
