@@ -41,8 +41,9 @@ def write_dicom(
         window: (WindowCenter, WindowWidth), the VOI LUT.
         spacing: ImagerPixelSpacing in mm (rows, columns), or None to leave it out.
         sop_class: "DX" (DX For Presentation) or "CR".
-        compress: None (explicit VR little endian), "rle" (RLE Lossless, pydicom's own encoder) or
-            "j2k" (JPEG 2000 Lossless, encoded by pylibjpeg-openjpeg).
+        compress: None (explicit VR little endian), "rle" (RLE Lossless, pydicom's own encoder),
+            "j2k" (JPEG 2000 Lossless, encoded by pylibjpeg-openjpeg) or "jpeg" (JPEG Baseline 8-bit, lossy,
+            quality 95, encoded by Pillow and encapsulated; 8-bit pixels only): the common PACS exports.
         pixel_data: False writes every image tag but no PixelData element.
 
     Returns:
@@ -52,6 +53,7 @@ def write_dicom(
     from pydicom.uid import (
         ExplicitVRLittleEndian,
         JPEG2000Lossless,
+        JPEGBaseline8Bit,
         PYDICOM_IMPLEMENTATION_UID,
         RLELossless,
         generate_uid,
@@ -121,6 +123,21 @@ def write_dicom(
             ds.compress(RLELossless, encoding_plugin="pydicom")
         elif compress == "j2k":
             ds.compress(JPEG2000Lossless)
+        elif compress == "jpeg":
+            import io
+
+            from PIL import Image
+            from pydicom.encaps import encapsulate
+
+            if bits_allocated != 8:
+                raise ValueError("JPEG Baseline holds 8-bit pixels only")
+            buffer = io.BytesIO()
+            Image.fromarray(stored).save(buffer, format="JPEG", quality=95)
+            ds.PixelData = encapsulate([buffer.getvalue()])
+            ds["PixelData"].VR = "OB"
+            ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+            ds.LossyImageCompression = "01"
+            ds.LossyImageCompressionMethod = "ISO_10918_1"
         elif compress is not None:
             raise ValueError(f"unknown compression {compress!r}")
     ds.save_as(str(path), enforce_file_format=True)

@@ -183,3 +183,17 @@ def test_dicom_recognised_by_content_and_without_pixels_named(tmp_path):
     with pytest.raises(RadiographReadError, match="no pixel data") as info:
         read_radiograph(tmp_path / "nopix.dcm")
     assert "nopix.dcm" in str(info.value)
+
+
+def test_dicom_jpeg_baseline_is_decoded(tmp_path):
+    """JPEG Baseline (1.2.840.10008.1.2.4.50), the usual lossy PACS export, decodes to the pixels within JPEG's loss."""
+    import pydicom
+
+    from dicom_fixtures import write_dicom
+
+    pixels = (_gradient(256, 256) % 256).astype(np.uint8)
+    write_dicom(tmp_path / "jpeg.dcm", pixels, compress="jpeg")
+    assert pydicom.dcmread(tmp_path / "jpeg.dcm").file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.50"
+    array, _ = read_radiograph(tmp_path / "jpeg.dcm")
+    assert array.shape == (256, 256)
+    assert np.abs(array - pixels).mean() < 2.0
