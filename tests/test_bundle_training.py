@@ -30,6 +30,7 @@ def test_train_config_has_zoo_properties_and_overrides_reach_the_transforms(tmp_
     wf = _workflow(tmp_path, dataset_dir=str(small_montgomery), spatial_size=[96, 64], num_classes=3)
     wf.initialize()
     assert not wf.check_properties()  # every required train property of MONAI's spec is present
+    assert torch.backends.cudnn.benchmark is False  # reproducible by default (cudnn_benchmark: false)
     parser = wf.parser
     assert parser.get_parsed_content("device").type == ("cuda" if torch.cuda.is_available() else "cpu")
     resize = [t for t in parser.get_parsed_content("train#preprocessing").transforms if type(t).__name__ == "Resized"]

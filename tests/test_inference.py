@@ -460,3 +460,14 @@ def test_writer_threads_write_what_the_evaluator_thread_writes(tmp_path, mixed_f
     assert files0 == sorted(p.relative_to(outputs[2]) for p in outputs[2].rglob("*.png")) and len(files0) == 18
     for rel in files0:
         np.testing.assert_array_equal(_mask(outputs[0] / rel), _mask(outputs[2] / rel), err_msg=str(rel))
+
+
+@pytest.mark.parametrize("value", [True, False])
+def test_cudnn_benchmark_key_sets_torch(tmp_path, value):
+    before = torch.backends.cudnn.benchmark
+    try:
+        wf = _workflow(tmp_path, input_dir=str(tmp_path), cudnn_benchmark=value)
+        wf.initialize()
+        assert torch.backends.cudnn.benchmark is value
+    finally:
+        torch.backends.cudnn.benchmark = before
