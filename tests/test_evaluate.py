@@ -177,3 +177,32 @@ def test_eval_clean_adds_the_clean_up_to_the_post_processing(clean):
     parser["eval_clean"] = clean
     names = [type(t).__name__ for t in parser.get_parsed_content("validate#postprocessing").transforms]
     assert ("CleanStructuresd" in names) == clean and names[0] == "NativeResolutiond"
+
+
+def test_report_compares_the_cardiothoracic_ratio_of_model_and_expert(tmp_path):
+    """Anatomy structures (sigmoid channels lungs, heart, clavicles): the CTR from the prediction and the label."""
+    from monai.data import MetaTensor
+    from scripts.evaluation import SegmentationReport
+
+    def structures(heart_cols):
+        m = np.zeros((3, 100, 120), np.float32)
+        m[0, 10:90, 10:50] = m[0, 10:90, 70:110] = 1  # lungs: thorax columns 10..109, 100 px wide
+        m[1, 50:85, heart_cols[0]:heart_cols[1]] = 1  # heart
+        m[2, 5:15, 20:100] = 1  # clavicles
+        return torch.as_tensor(m)
+
+    report = SegmentationReport(str(tmp_path / "eval"), ["lungs", "heart", "clavicles"], overlays=False)
+    image = MetaTensor(torch.zeros(1, 100, 120), meta={"spacing_known": False, "original_affine": np.eye(3)})
+    for pred_cols, label_cols in (((35, 85), (40, 85)), ((40, 90), (40, 90))):  # heart 50 vs 45 px; 50 vs 50
+        report.add({"pred": structures(pred_cols), "label": structures(label_cols), "image": image},
+                   {"dataset": "jsrt_scr"})
+    assert [r["ctr_pred"] for r in report.rows] == pytest.approx([0.50, 0.50])
+    assert [r["ctr_label"] for r in report.rows] == pytest.approx([0.45, 0.50])
+    assert [r["ctr_abs_error"] for r in report.rows] == pytest.approx([0.05, 0.0])
+    files = report.write()
+    with open(files["summary"]) as f:
+        ctr = {r["metric"]: r for r in csv.DictReader(f) if r["structure"] == "cardiothoracic_ratio"}
+    assert float(ctr["abs_error"]["mean"]) == pytest.approx(0.025) and ctr["abs_error"]["n"] == "2"
+    assert "|model - expert| 0.025" in files["markdown"].read_text()
+    with open(files["per_image"]) as f:
+        assert list(csv.DictReader(f))[0]["ctr_label"] == "0.45"

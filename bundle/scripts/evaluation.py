@@ -29,12 +29,14 @@ from monai.metrics import DiceMetric, HausdorffDistanceMetric, MeanIoU, SurfaceD
 from monai.transforms import MapTransform, Resize
 
 from .io import read_radiograph
+from .measures import cardiothoracic_ratio
 
 logger = logging.getLogger(__name__)
 
 METRICS = ("dice", "iou", "hd95", "assd")
 DISTANCE_METRICS = ("hd95", "assd")
 METRIC_TITLES = {"dice": "Dice", "iou": "IoU (Jaccard)", "hd95": "HD95", "assd": "ASSD"}
+CTR_COLUMNS = ("ctr_pred", "ctr_label", "ctr_abs_error")  # cardiothoracic ratio, when heart and lungs are scored
 
 
 # ---- post-processing ---------------------------------------------------------------------------
@@ -201,6 +203,11 @@ def summarize(rows: Sequence[Mapping], structures: Sequence[str]) -> list[dict]:
                     selected = [r for r in members if not unit or r["distance_unit"] == unit]
                     stats = _stats(r[f"{structure}_{metric}"] for r in selected)
                     summary.append({"dataset": name, "structure": structure, "metric": metric, "unit": unit, **stats})
+        if members and "ctr_abs_error" in members[0]:
+            for column in CTR_COLUMNS:
+                stats = _stats(r[column] for r in members)
+                summary.append({"dataset": name, "structure": "cardiothoracic_ratio", "metric": column[4:], "unit": "",
+                                **stats})
     return summary
 
 
@@ -230,6 +237,11 @@ def summary_markdown(summary: Sequence[Mapping], structures: Sequence[str]) -> s
                             n = s["n"]
                 cells.append("; ".join(parts))
             lines.append(f"| {structure} | {n} | " + " | ".join(cells) + " |")
+        ctr = {s["metric"]: s for s in summary if (s["dataset"], s["structure"]) == (dataset, "cardiothoracic_ratio")}
+        if ctr:
+            cell = {k: f"{_fmt(v['mean'], 3)} ± {_fmt(v['sd'], 3)} ({_fmt(v['median'], 3)})" for k, v in ctr.items()}
+            lines += ["", f"Cardiothoracic ratio (widest heart / widest thorax, n={ctr['abs_error']['n']}): "
+                      f"expert {cell['label']}, model {cell['pred']}, |model - expert| {cell['abs_error']}"]
         lines.append("")
     return "\n".join(lines)
 
@@ -287,7 +299,10 @@ class SegmentationReport:
     - ``metrics_per_image.csv``: ``image, label, dataset, rows, cols, spacing, distance_unit, mean_dice``
       then ``<structure>_dice, <structure>_iou, <structure>_hd95, <structure>_assd`` per structure;
       ``rows, cols`` are the shape on which the metrics were computed;
-    - ``metrics_summary.csv``: ``dataset, structure, metric, unit, n, mean, sd, median, min, max``;
+      and, when heart and lungs are among the structures, ``ctr_pred, ctr_label, ctr_abs_error``: the
+      cardiothoracic ratio (as inference measures it) from the prediction and from the reference;
+    - ``metrics_summary.csv``: ``dataset, structure, metric, unit, n, mean, sd, median, min, max``
+      (structure ``cardiothoracic_ratio``: metrics ``pred``, ``label``, ``abs_error``);
     - ``metrics_summary.md``: the same as Markdown tables (mean ± sd (median));
     - ``overlays/<dataset>_best_<stem>.png`` and ``overlays/<dataset>_worst_<stem>.png`` (by the mean
       Dice over the structures).
@@ -361,6 +376,12 @@ class SegmentationReport:
         for i, structure in enumerate(self.structures):
             for metric in METRICS:
                 row[f"{structure}_{metric}"] = float(values[metric][i])
+        if self._scores_ctr:
+            heart, lungs = self.structures.index("heart"), self.structures.index("lungs")
+            ctr_pred, ctr_label = (cardiothoracic_ratio(m[heart], m[lungs]) for m in (pred, label))
+            row["ctr_pred"] = math.nan if ctr_pred is None else ctr_pred
+            row["ctr_label"] = math.nan if ctr_label is None else ctr_label
+            row["ctr_abs_error"] = abs(row["ctr_pred"] - row["ctr_label"])
         self.rows.append(row)
         self._track(row, pred, label)
         return row
@@ -376,9 +397,14 @@ class SegmentationReport:
             slot["worst"] = record
 
     @property
+    def _scores_ctr(self) -> bool:
+        return {"heart", "lungs"} <= set(self.structures)
+
+    @property
     def columns(self) -> list[str]:
         return (["image", "label", "dataset", "rows", "cols", "spacing", "distance_unit", "mean_dice"]
-                + [f"{s}_{m}" for s in self.structures for m in METRICS])
+                + [f"{s}_{m}" for s in self.structures for m in METRICS]
+                + (list(CTR_COLUMNS) if self._scores_ctr else []))
 
     def write(self, engine=None) -> dict[str, Path]:
         self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -394,6 +420,9 @@ class SegmentationReport:
             if s["metric"] == "dice":
                 logger.info(f"{s['dataset']:>12s} {s['structure']:>10s}: Dice {_fmt(s['mean'], 4)} ± "
                             f"{_fmt(s['sd'], 4)} (median {_fmt(s['median'], 4)}, n={s['n']})")
+            elif s["metric"] == "abs_error":
+                logger.info(f"{s['dataset']:>12s} cardiothoracic ratio: |model - expert| {_fmt(s['mean'], 3)} ± "
+                            f"{_fmt(s['sd'], 3)} (median {_fmt(s['median'], 3)}, n={s['n']})")
         if self.overlays:
             overlay_dir = self.output_dir / "overlays"
             overlay_dir.mkdir(exist_ok=True)
