@@ -471,3 +471,61 @@ def test_cudnn_benchmark_key_sets_torch(tmp_path, value):
         assert torch.backends.cudnn.benchmark is value
     finally:
         torch.backends.cudnn.benchmark = before
+
+
+def test_resume_segments_only_what_an_earlier_run_left_undone(tmp_path, mixed_folder):
+    """A run killed part-way: a mask is missing and a row is gone. --resume True redoes those (and the failed
+    files), leaves the finished outputs untouched, and writes the same results.csv as one whole run."""
+    root, broken = mixed_folder
+    out = tmp_path / "out"
+    common = dict(input_dir=str(root), output_dir=str(out), ckpt_path=str(_weights(tmp_path / "w.pt")),
+                  spatial_size=[64, 64], batch_size=3)
+
+    def run(**override):
+        wf = _workflow(tmp_path, **common, **override)
+        wf.initialize()
+        wf.run()
+        wf.finalize()
+        return wf
+
+    run()
+    whole = (out / "results.csv").read_text()
+    # as if killed: one mask not written, one row not written, results.csv still .partial
+    (out / "png" / "ref_seg.png").unlink()
+    lines = whole.splitlines(keepends=True)
+    dropped = next(line for line in lines if line.startswith("png/rgb.jpg,"))
+    (out / "results.csv.partial").write_text("".join(line for line in lines if line is not dropped))
+    (out / "results.csv").unlink()
+    untouched = out / "dicom" / "mono1_seg.png"
+    stamp = untouched.stat().st_mtime_ns
+
+    wf = run(resume=True)
+    redone = sorted(r["rel"] for r in wf.parser.get_parsed_content("datalist"))
+    assert redone == sorted(["png/ref.png", "png/rgb.jpg", *broken])
+    assert (out / "results.csv").read_text() == whole
+    assert (out / "png" / "ref_seg.png").is_file() and untouched.stat().st_mtime_ns == stamp
+    assert not (out / "results.csv.partial").exists()
+
+    wf = run(resume=True)  # nothing left but the failed files
+    assert sorted(r["rel"] for r in wf.parser.get_parsed_content("datalist")) == sorted(broken)
+    assert (out / "results.csv").read_text() == whole
+
+
+def test_resume_with_nothing_left_rewrites_results_csv_and_runs_no_network(tmp_path, montgomery):
+    root = tmp_path / "in"
+    root.mkdir()
+    for image in sorted((montgomery / "images").glob("*.png"))[:2]:
+        shutil.copy(image, root / image.name)
+    common = dict(input_dir=str(root), ckpt_path=str(_weights(tmp_path / "w.pt")), spatial_size=[64, 64])
+    wf = _workflow(tmp_path, **common)
+    wf.initialize()
+    wf.run()
+    wf.finalize()
+    whole = (tmp_path / "out" / "results.csv").read_text()
+    wf = _workflow(tmp_path, resume=True, **common)
+    wf.initialize()
+    wf.run()
+    assert wf.parser.get_parsed_content("datalist") == []
+    assert wf.parser.get_parsed_content("evaluator").state.iteration == 0  # the network did not run
+    wf.finalize()
+    assert (tmp_path / "out" / "results.csv").read_text() == whole

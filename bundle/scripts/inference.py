@@ -37,7 +37,7 @@ from monai.data import Dataset
 from monai.transforms import Compose, MapTransform
 from scipy import ndimage
 
-from .io import NIFTI_SUFFIXES, PIL_SUFFIXES, RadiographReadError, is_supported, read_radiograph
+from .io import NIFTI_SUFFIXES, PIL_SUFFIXES, RadiographReadError, is_dicom, is_supported, read_radiograph
 from .measures import csv_columns, measure
 
 logger = logging.getLogger("cxr_segmentation.inference")
@@ -601,6 +601,49 @@ class SegmentationWriter:
         self.write_threads = int(write_threads)
         self._pool: ThreadPoolExecutor | None = None
         self._pending: deque[Future] = deque()
+        self.carried: list[dict] = []  # results.csv rows of an earlier run in output_dir (resume)
+
+    # -- resuming an interrupted run ---------------------------------------------------------------
+    def _expected_files(self, record: Mapping) -> list[str]:
+        base = os.path.join(self.output_dir, str(record["name"]))
+        files = [base + "_seg.png"]
+        if self.write_overlay:
+            files.append(base + "_overlay.png")
+        if self.write_dicom_seg and is_dicom(record["image"]):
+            files.append(base + "_seg.dcm")
+        return files
+
+    def still_to_do(self, datalist: Sequence[dict]) -> list[dict]:
+        """The inputs an earlier run into ``output_dir`` has not finished; keeps the others' rows for results.csv.
+
+        An input counts as done when the earlier ``results.csv`` (or the ``results.csv.partial`` of a run that
+        was killed) has an ``ok`` row for it and all its output files exist. Failed inputs are tried again.
+        """
+        previous: dict[str, dict] = {}
+        for name in (RESULTS_CSV, RESULTS_CSV + ".partial"):  # the partial file of a killed run is the newer
+            path = os.path.join(self.output_dir, name)
+            if os.path.isfile(path):
+                with open(path, newline="") as f:
+                    reader = csv.DictReader(f)
+                    if reader.fieldnames != self.columns:
+                        logger.warning(f"inference: {path} has other columns (another model?); not resuming from it")
+                        continue
+                    previous.update((row["path"], row) for row in reader)
+        self.carried, to_do = [], []
+        for record in datalist:
+            row = previous.get(str(record["rel"]))
+            if row and row["status"] == "ok" and all(os.path.isfile(f) for f in self._expected_files(record)):
+                self.carried.append(row)
+            else:
+                to_do.append(record)
+        logger.info(f"inference: resuming in {self.output_dir}: {len(self.carried)} of {len(datalist)} input(s) "
+                    f"done by an earlier run, {len(to_do)} to do")
+        return to_do
+
+    def write_carried_only(self) -> None:
+        """Finish a resumed run that has nothing left to do: results.csv from the earlier rows."""
+        self.started(None)
+        self.completed(None)
 
     # -- run checks --------------------------------------------------------------------------------
     def check_ready(self, datalist: Sequence[dict], ckpt_path: str) -> None:
@@ -608,7 +651,7 @@ class SegmentationWriter:
         if not os.path.isfile(ckpt_path):
             raise FileNotFoundError(f"inference: no model weights at {ckpt_path} (set --ckpt_path, or --model_file "
                                     f"for a file in the bundle's models/ folder)")
-        if not datalist:
+        if not datalist and not self.carried:
             raise FileNotFoundError(f"inference: no radiograph (PNG/JPEG/TIFF/BMP, DICOM, NIfTI) found in "
                                     f"{self.input_dir!s}")
 
@@ -637,6 +680,8 @@ class SegmentationWriter:
         self._csv = open(os.path.join(self.output_dir, RESULTS_CSV + ".partial"), "w", newline="")
         self._writer = csv.DictWriter(self._csv, fieldnames=self.columns, extrasaction="ignore")
         self._writer.writeheader()
+        self._writer.writerows(self.carried)
+        self.n_ok = len(self.carried)
         if self.write_threads > 0:
             self._pool = ThreadPoolExecutor(self.write_threads, thread_name_prefix="cxr-writer")
 
@@ -738,9 +783,17 @@ class SegmentationWriter:
             self._pool.shutdown()
             self._pool = None
         self._close_csv()
+        if self.carried:  # earlier rows came first: back to input order (sorted paths)
+            with open(self._csv.name, newline="") as f:
+                rows = sorted(csv.DictReader(f), key=lambda row: row["path"])
+            with open(self._csv.name, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=self.columns)
+                writer.writeheader()
+                writer.writerows(rows)
         os.replace(self._csv.name, os.path.join(self.output_dir, RESULTS_CSV))
         self._csv = None
-        logger.info(f"inference: {self.n_ok} succeeded, {self.n_failed} failed -> {self.output_dir}")
+        earlier = f" ({len(self.carried)} by an earlier run)" if self.carried else ""
+        logger.info(f"inference: {self.n_ok} succeeded{earlier}, {self.n_failed} failed -> {self.output_dir}")
 
 
 class ImageProgressBar:
