@@ -437,6 +437,25 @@ def test_overlay_is_screen_sized_and_written_as_rgb_png(tmp_path, width, expecte
         assert written.mode == "RGB" and (np.asarray(written) == overlay).all()
 
 
+def test_overlay_draws_the_ctr_calipers_of_heart_and_thorax():
+    from scripts.inference import class_colours, make_overlay
+
+    image = np.full((600, 600), 100, np.float32)
+    masks = np.zeros((3, 600, 600), np.uint8)  # lungs, heart, clavicles
+    masks[0, 100:500, 60:260] = masks[0, 100:500, 340:540] = 1  # thorax: columns 60..539
+    masks[1, 300:401, 200:401] = 1  # heart: columns 200..400, middle row 350
+    names = ANATOMY
+    overlay = make_overlay(image, masks, names, [])
+    colours = class_colours(names)
+    heart_row = overlay[350]
+    assert (heart_row[210:391] == colours[2]).all()  # the heart caliper, not the translucent fill
+    assert not (heart_row[100:150] == colours[2]).all(axis=-1).any()  # it stops at the heart's borders
+    thorax_rows = [r for r in range(401, 500) if (overlay[r, 70:530] == colours[1]).all()]
+    assert thorax_rows  # the thorax caliper, below the heart, from one outer lung border to the other
+    lungs_only = make_overlay(image, masks[:1], ["background", "lungs"], [])
+    assert not any((lungs_only[r, 70:530] == colours[1]).all() for r in range(401, 500))  # no CTR: no calipers
+
+
 def test_writer_threads_write_what_the_evaluator_thread_writes(tmp_path, mixed_folder):
     """Files written by the writer threads are the same as written in line, and results.csv keeps input order."""
     root, broken = mixed_folder

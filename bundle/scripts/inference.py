@@ -443,6 +443,10 @@ def make_overlay(
 ) -> np.ndarray:
     """RGB overlay: the radiograph, each class filled translucently and outlined, and a legend band below.
 
+    With heart and lungs among the classes, two calipers show what the cardiothoracic ratio measures:
+    the heart's widest horizontal extent (drawn at the heart's middle row) and the thorax's (the lungs'
+    outer borders, drawn below the heart).
+
     Args:
         image: the radiograph at native size (any range).
         masks: binary masks ``(S, H, W)`` of ``class_names[1:]`` at the same size (they may overlap).
@@ -481,6 +485,10 @@ def make_overlay(
         cv2.drawContours(drawn, contours, -1, 1, thickness)
     rgb[drawn > 0] = outlines[drawn > 0]
     picture = np.rint(rgb).astype(np.uint8)
+    names = [str(n) for n in class_names[1:]]
+    if {"heart", "lungs"} <= set(names):
+        _draw_ctr_calipers(picture, masks[names.index("heart")], masks[names.index("lungs")],
+                           class_colours(class_names), class_names, thickness)
 
     # legend band under the image, so that no anatomy is hidden; the font shrinks to fit the width
     font, scale = cv2.FONT_HERSHEY_SIMPLEX, float(np.clip(columns / 1300, 0.45, 2.0))
@@ -502,6 +510,27 @@ def make_overlay(
             x += swatch + pad
         cv2.putText(band, text, (x, y + swatch - 2), font, scale, (235, 235, 235), weight, cv2.LINE_AA)
     return np.concatenate([picture, band], axis=0)
+
+
+def _draw_ctr_calipers(picture: np.ndarray, heart: np.ndarray, lungs: np.ndarray, colours: Mapping,
+                       class_names: Sequence[str], thickness: int) -> None:
+    """Draw the heart and thorax widths of the cardiothoracic ratio as horizontal calipers (in place)."""
+    import cv2
+
+    heart_rows, heart_cols = np.nonzero(heart)
+    lung_rows, lung_cols = np.nonzero(lungs)
+    if not heart_rows.size or not lung_rows.size:
+        return
+    tick = 3 * thickness + 4
+    heart_row = int((heart_rows.min() + heart_rows.max()) // 2)
+    thorax_row = int(min(heart_rows.max() + 2 * tick, lung_rows.max()))
+    names = [str(n) for n in class_names]
+    for row, cols, name in ((heart_row, heart_cols, "heart"), (thorax_row, lung_cols, "lungs")):
+        colour = tuple(int(c) for c in colours[names.index(name)])
+        left, right = int(cols.min()), int(cols.max())
+        cv2.line(picture, (left, row), (right, row), colour, thickness, cv2.LINE_AA)
+        for x in (left, right):
+            cv2.line(picture, (x, row - tick), (x, row + tick), colour, thickness, cv2.LINE_AA)
 
 
 def _format_number(value, digits: int = 3) -> str:
@@ -526,7 +555,8 @@ def _legend(class_names: Sequence[str], measures: dict) -> list[tuple]:
             text += f" (patient R {right} / L {left})"
         lines.append((text, colours[index]))
     if measures.get("cardiothoracic_ratio") is not None:
-        lines.append((f"cardiothoracic ratio {measures['cardiothoracic_ratio']:.2f}", None))
+        ctr = measures["cardiothoracic_ratio"]
+        lines.append((f"cardiothoracic ratio {ctr:.2f} (calipers: heart width / thorax width)", None))
     if measures.get("qc_flags"):
         lines.append(("QC: " + ", ".join(measures["qc_flags"]), None))
     lines.append(("automatic segmentation, research use only", None))
