@@ -1,10 +1,12 @@
 """Reading radiographs: PNG (8/16-bit, RGB), DICOM, NIfTI, and clear errors for bad files."""
 
 import numpy as np
+import pydicom
 import pytest
 from PIL import Image
 
-from scripts.io import RadiographReadError, RadiographReader, image_size, read_radiograph
+from dicom_fixtures import write_dicom
+from scripts.io import RadiographReadError, RadiographReader, image_size, is_dicom, read_radiograph
 
 
 def _gradient(rows=40, cols=60):
@@ -102,8 +104,6 @@ def _ramp12():
 
 
 def test_dicom_modality_lut_is_applied(tmp_path):
-    from dicom_fixtures import write_dicom
-
     stored = _ramp12()
     write_dicom(tmp_path / "a.dcm", stored, bits_stored=12, rescale=(2.0, -50.0))
     array, meta = read_radiograph(tmp_path / "a.dcm")
@@ -112,8 +112,6 @@ def test_dicom_modality_lut_is_applied(tmp_path):
 
 
 def test_dicom_window_clips_outside_and_keeps_order_inside(tmp_path):
-    from dicom_fixtures import write_dicom
-
     stored = _ramp12()
     # modality values 2v - 50 in [-50, 8140]; the window keeps [2000, 4000]
     write_dicom(tmp_path / "w.dcm", stored, bits_stored=12, rescale=(2.0, -50.0), window=(3000.0, 2000.0))
@@ -128,15 +126,10 @@ def test_dicom_window_clips_outside_and_keeps_order_inside(tmp_path):
 
 def test_dicom_voi_lut_sequence_is_applied(tmp_path):
     """A VOI LUT Sequence (here an inverting table) takes the place of the window."""
-    import pydicom
-    from pydicom.dataset import Dataset
-
-    from dicom_fixtures import write_dicom
-
     stored = _ramp12()
     write_dicom(tmp_path / "lut.dcm", stored, bits_stored=12)
     ds = pydicom.dcmread(tmp_path / "lut.dcm")
-    item = Dataset()
+    item = pydicom.Dataset()
     item.LUTDescriptor = [4096, 0, 16]
     item.LUTData = (4095 - np.arange(4096, dtype="<u2")).tobytes()  # OW: 16-bit little-endian words
     ds.VOILUTSequence = [item]
@@ -146,8 +139,6 @@ def test_dicom_voi_lut_sequence_is_applied(tmp_path):
 
 
 def test_dicom_monochrome1_reads_like_the_monochrome2_image(tmp_path):
-    from dicom_fixtures import write_dicom
-
     pixels = (_gradient() * 255 // _gradient().max()).astype(np.uint8)  # 0..255: the inversion is exact
     write_dicom(tmp_path / "m2.dcm", pixels)
     write_dicom(tmp_path / "m1.dcm", 255 - pixels, monochrome1=True, sop_class="CR")
@@ -155,10 +146,6 @@ def test_dicom_monochrome1_reads_like_the_monochrome2_image(tmp_path):
 
 
 def test_dicom_spacing_pixel_spacing_first_then_imager_pixel_spacing(tmp_path):
-    import pydicom
-
-    from dicom_fixtures import write_dicom
-
     pixels = (_gradient() % 256).astype(np.uint8)
     write_dicom(tmp_path / "imager.dcm", pixels, spacing=(0.2, 0.15))
     assert read_radiograph(tmp_path / "imager.dcm")[1]["spacing"] == (0.2, 0.15)
@@ -171,10 +158,6 @@ def test_dicom_spacing_pixel_spacing_first_then_imager_pixel_spacing(tmp_path):
 
 
 def test_dicom_recognised_by_content_and_without_pixels_named(tmp_path):
-    from scripts.io import is_dicom
-
-    from dicom_fixtures import write_dicom
-
     pixels = (_gradient() % 256).astype(np.uint8)
     write_dicom(tmp_path / "IM0001", pixels)
     assert is_dicom(tmp_path / "IM0001") and not is_dicom(tmp_path / "IM0001.txt")
@@ -187,10 +170,6 @@ def test_dicom_recognised_by_content_and_without_pixels_named(tmp_path):
 
 def test_dicom_jpeg_baseline_is_decoded(tmp_path):
     """JPEG Baseline (1.2.840.10008.1.2.4.50), the usual lossy PACS export, decodes to the pixels within JPEG's loss."""
-    import pydicom
-
-    from dicom_fixtures import write_dicom
-
     pixels = (_gradient(256, 256) % 256).astype(np.uint8)
     write_dicom(tmp_path / "jpeg.dcm", pixels, compress="jpeg")
     assert pydicom.dcmread(tmp_path / "jpeg.dcm").file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.50"

@@ -4,12 +4,17 @@ gives one mask for a real radiograph whether it comes as PNG or as DICOM."""
 
 import csv
 import json
+import subprocess
+import sys
 
+import numpy as np
 import pytest
 import torch
 from monai.bundle import ConfigWorkflow
+from PIL import Image
 
-from conftest import BUNDLE, SHARED_DATA, shared_dataset
+from conftest import BUNDLE, REPO, SHARED_DATA, shared_dataset
+from dicom_fixtures import write_dicom
 
 CONFIGS = BUNDLE / "configs"
 META = json.loads((CONFIGS / "metadata.json").read_text())["eval_metrics"]
@@ -53,15 +58,6 @@ def test_shipped_weights_reproduce_their_eval_metrics(name, tmp_path):
 def test_shipped_lung_model_gives_one_mask_for_png_and_dicom(montgomery, tmp_path):
     """A user's folder: one real radiograph as PNG and as a 12-bit MONOCHROME1 DICOM with rescale and window.
     The shipped model gives the same mask for both, and it matches the expert's outline."""
-    import subprocess
-    import sys
-
-    import numpy as np
-    from PIL import Image
-
-    from conftest import REPO
-    from dicom_fixtures import write_dicom
-
     name = sorted((montgomery / "images").glob("*.png"))[-1].name
     pixels = np.asarray(Image.open(montgomery / "images" / name)).astype(np.uint16)
     expert = np.asarray(Image.open(montgomery / "masks" / name)) > 0

@@ -29,7 +29,7 @@ from monai.metrics import DiceMetric, HausdorffDistanceMetric, MeanIoU, SurfaceD
 from monai.transforms import MapTransform, Resize
 
 from .io import read_radiograph
-from .measures import cardiothoracic_ratio
+from .measures import HEART, LUNGS, cardiothoracic_ratio, has_ctr
 
 logger = logging.getLogger(__name__)
 
@@ -203,11 +203,11 @@ def summarize(rows: Sequence[Mapping], structures: Sequence[str]) -> list[dict]:
                     selected = [r for r in members if not unit or r["distance_unit"] == unit]
                     stats = _stats(r[f"{structure}_{metric}"] for r in selected)
                     summary.append({"dataset": name, "structure": structure, "metric": metric, "unit": unit, **stats})
-        if members and "ctr_abs_error" in members[0]:
+        if has_ctr(structures):
             for column in CTR_COLUMNS:
                 stats = _stats(r[column] for r in members)
-                summary.append({"dataset": name, "structure": "cardiothoracic_ratio", "metric": column[4:], "unit": "",
-                                **stats})
+                summary.append({"dataset": name, "structure": "cardiothoracic_ratio",
+                                "metric": column.removeprefix("ctr_"), "unit": "", **stats})
     return summary
 
 
@@ -377,7 +377,7 @@ class SegmentationReport:
             for metric in METRICS:
                 row[f"{structure}_{metric}"] = float(values[metric][i])
         if self._scores_ctr:
-            heart, lungs = self.structures.index("heart"), self.structures.index("lungs")
+            heart, lungs = self.structures.index(HEART), self.structures.index(LUNGS)
             ctr_pred, ctr_label = (cardiothoracic_ratio(m[heart], m[lungs]) for m in (pred, label))
             row["ctr_pred"] = math.nan if ctr_pred is None else ctr_pred
             row["ctr_label"] = math.nan if ctr_label is None else ctr_label
@@ -398,7 +398,7 @@ class SegmentationReport:
 
     @property
     def _scores_ctr(self) -> bool:
-        return {"heart", "lungs"} <= set(self.structures)
+        return has_ctr(self.structures)
 
     @property
     def columns(self) -> list[str]:

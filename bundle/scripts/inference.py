@@ -38,7 +38,7 @@ from monai.transforms import Compose, MapTransform
 from scipy import ndimage
 
 from .io import NIFTI_SUFFIXES, PIL_SUFFIXES, RadiographReadError, is_dicom, is_supported, read_radiograph
-from .measures import csv_columns, measure
+from .measures import HEART, LUNGS, csv_columns, has_ctr, horizontal_span, measure
 
 logger = logging.getLogger("cxr_segmentation.inference")
 
@@ -485,10 +485,10 @@ def make_overlay(
         cv2.drawContours(drawn, contours, -1, 1, thickness)
     rgb[drawn > 0] = outlines[drawn > 0]
     picture = np.rint(rgb).astype(np.uint8)
-    names = [str(n) for n in class_names[1:]]
-    if {"heart", "lungs"} <= set(names):
-        _draw_ctr_calipers(picture, masks[names.index("heart")], masks[names.index("lungs")],
-                           class_colours(class_names), class_names, thickness)
+    if has_ctr(class_names):
+        names, colours = [str(n) for n in class_names], class_colours(class_names)
+        heart, lungs = names.index(HEART), names.index(LUNGS)
+        _draw_ctr_calipers(picture, masks[heart - 1], masks[lungs - 1], colours[heart], colours[lungs], thickness)
 
     # legend band under the image, so that no anatomy is hidden; the font shrinks to fit the width
     font, scale = cv2.FONT_HERSHEY_SIMPLEX, float(np.clip(columns / 1300, 0.45, 2.0))
@@ -512,22 +512,21 @@ def make_overlay(
     return np.concatenate([picture, band], axis=0)
 
 
-def _draw_ctr_calipers(picture: np.ndarray, heart: np.ndarray, lungs: np.ndarray, colours: Mapping,
-                       class_names: Sequence[str], thickness: int) -> None:
+def _draw_ctr_calipers(picture: np.ndarray, heart: np.ndarray, lungs: np.ndarray, heart_colour: Sequence[int],
+                       lung_colour: Sequence[int], thickness: int) -> None:
     """Draw the heart and thorax widths of the cardiothoracic ratio as horizontal calipers (in place)."""
     import cv2
 
-    heart_rows, heart_cols = np.nonzero(heart)
-    lung_rows, lung_cols = np.nonzero(lungs)
-    if not heart_rows.size or not lung_rows.size:
+    heart_span, thorax_span = horizontal_span(heart), horizontal_span(lungs)
+    if heart_span is None or thorax_span is None:
         return
+    heart_rows = np.nonzero(np.asarray(heart).any(axis=1))[0]
+    lung_rows = np.nonzero(np.asarray(lungs).any(axis=1))[0]
     tick = 3 * thickness + 4
-    heart_row = int((heart_rows.min() + heart_rows.max()) // 2)
-    thorax_row = int(min(heart_rows.max() + 2 * tick, lung_rows.max()))
-    names = [str(n) for n in class_names]
-    for row, cols, name in ((heart_row, heart_cols, "heart"), (thorax_row, lung_cols, "lungs")):
-        colour = tuple(int(c) for c in colours[names.index(name)])
-        left, right = int(cols.min()), int(cols.max())
+    heart_row = int((heart_rows[0] + heart_rows[-1]) // 2)
+    thorax_row = int(min(heart_rows[-1] + 2 * tick, lung_rows[-1]))
+    for row, (left, right), colour in ((heart_row, heart_span, heart_colour), (thorax_row, thorax_span, lung_colour)):
+        colour = tuple(int(c) for c in colour)
         cv2.line(picture, (left, row), (right, row), colour, thickness, cv2.LINE_AA)
         for x in (left, right):
             cv2.line(picture, (x, row - tick), (x, row + tick), colour, thickness, cv2.LINE_AA)

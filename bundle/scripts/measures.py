@@ -90,10 +90,21 @@ def split_lungs(lungs: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
     return right, left, n
 
 
+def has_ctr(class_names: Sequence[str]) -> bool:
+    """True when the classes hold what the cardiothoracic ratio needs: lungs and heart."""
+    return {LUNGS, HEART} <= {str(n) for n in class_names}
+
+
+def horizontal_span(mask: np.ndarray) -> tuple[int, int] | None:
+    """Leftmost and rightmost columns of a mask (None if empty)."""
+    cols = np.nonzero(np.asarray(mask, dtype=bool).any(axis=0))[0]
+    return (int(cols[0]), int(cols[-1])) if cols.size else None
+
+
 def horizontal_extent(mask: np.ndarray) -> int:
     """Widest horizontal extent of a mask in pixels: its rightmost minus leftmost column, plus one (0 if empty)."""
-    cols = np.nonzero(np.asarray(mask, dtype=bool).any(axis=0))[0]
-    return int(cols[-1] - cols[0] + 1) if cols.size else 0
+    span = horizontal_span(mask)
+    return span[1] - span[0] + 1 if span else 0
 
 
 def cardiothoracic_ratio(heart: np.ndarray, lungs: np.ndarray) -> float | None:
