@@ -29,6 +29,20 @@ def test_split_is_seeded_per_dataset_and_disjoint(tmp_path):
         assert d["label"].replace("masks", "images") == d["image"]
 
 
+def test_folds_partition_every_set_and_fold_0_is_the_default_split(tmp_path):
+    a, b = _make_set(tmp_path / "a", 13), _make_set(tmp_path / "b", 21)
+    folds = [split_datalist([str(a), str(b)], val_fraction=0.2, seed=3, fold=k) for k in range(5)]
+    assert folds[0] == split_datalist([str(a), str(b)], val_fraction=0.2, seed=3)
+    validated = [d["image"] for f in folds for d in f["validation"]]
+    assert len(validated) == len(set(validated)) == 13 + 21   # every image validated exactly once
+    for f in folds:
+        assert not {d["image"] for d in f["validation"]} & {d["image"] for d in f["training"]}
+        assert len(f["validation"]) + len(f["training"]) == 13 + 21
+        assert {d["dataset"] for d in f["validation"]} == {"a", "b"}
+    with pytest.raises(DatasetError, match="fold must be in 0..4"):
+        split_datalist(str(a), val_fraction=0.2, fold=5)
+
+
 def test_mask_subfolder_entry(tmp_path):
     root = _make_set(tmp_path / "jsrt", 5)
     (root / "structures" / "lungs").mkdir(parents=True)

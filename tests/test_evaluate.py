@@ -206,3 +206,58 @@ def test_report_compares_the_cardiothoracic_ratio_of_model_and_expert(tmp_path):
     assert "|model - expert| 0.025" in files["markdown"].read_text()
     with open(files["per_image"]) as f:
         assert list(csv.DictReader(f))[0]["ctr_label"] == "0.45"
+
+
+def test_cross_validation_folds_pool_into_one_evaluation(tmp_path, small_montgomery):
+    """Two folds (val_fraction 0.5) trained and evaluated apart, then `run summarizing_folds`: every image once."""
+    common = dict(dataset_dir=str(small_montgomery), spatial_size=[64, 64], batch_size=4, progress=False,
+                  val_fraction=0.5, eval_overlays=False)
+    fold_rows = []
+    for fold in (0, 1):
+        out = tmp_path / f"fold{fold}"
+        settings = dict(common, fold=fold, output_dir=str(out), ckpt_dir=str(out / "models"))
+        for config, run_id in ((TRAIN, "run"), ([TRAIN, EVALUATE], "evaluating")):
+            wf = ConfigWorkflow(config_file=config, workflow_type=None, run_id=run_id, bundle_root=str(BUNDLE),
+                                max_epochs=1, **settings)
+            wf.initialize()
+            wf.run()
+            wf.finalize()
+        with open(out / "eval" / "metrics_per_image.csv") as f:
+            fold_rows.append(list(csv.DictReader(f)))
+    assert not {r["image"] for r in fold_rows[0]} & {r["image"] for r in fold_rows[1]}
+
+    eval_dirs = [str(tmp_path / f"fold{k}" / "eval") for k in (0, 1)]
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "summarizing_folds", "--bundle_root", "bundle",
+           "--config_file", f"['{TRAIN}','{EVALUATE}']", "--fold_eval_dirs", str(eval_dirs).replace(" ", ""),
+           "--output_dir", str(tmp_path / "crossval")]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    pooled_dir = tmp_path / "crossval" / "eval"
+    with open(pooled_dir / "metrics_per_image.csv") as f:
+        pooled = list(csv.DictReader(f))
+    assert sorted(r["image"] for r in pooled) == sorted(str(p) for p in (small_montgomery / "images").iterdir())
+    for fold, rows in enumerate(fold_rows):  # each image keeps the scores of the fold that validated it
+        mine = [r for r in pooled if r["fold_dir"] == eval_dirs[fold]]
+        assert [{k: v for k, v in r.items() if k != "fold_dir"} for r in mine] == rows
+    with open(pooled_dir / "metrics_summary.csv") as f:
+        dice = next(s for s in csv.DictReader(f) if (s["structure"], s["metric"]) == ("lungs", "dice"))
+    assert int(dice["n"]) == 8
+    assert float(dice["mean"]) == pytest.approx(np.mean([float(r["lungs_dice"]) for r in pooled]))
+    assert "| lungs | 8 |" in (pooled_dir / "metrics_summary.md").read_text()
+
+
+def test_summarize_folds_names_the_missing_or_overlapping_fold(tmp_path):
+    from scripts.evaluation import summarize_folds
+
+    header = ("image,label,dataset,rows,cols,spacing,distance_unit,mean_dice,"
+              "lungs_dice,lungs_iou,lungs_hd95,lungs_assd\n")
+    for fold, images in (("a", ["x.png", "y.png"]), ("b", ["y.png"])):
+        (tmp_path / fold).mkdir()
+        (tmp_path / fold / "metrics_per_image.csv").write_text(
+            header + "".join(f"{i},m/{i},set,8,8,,px,0.9,0.9,0.8,1.0,0.5\n" for i in images))
+    with pytest.raises(FileNotFoundError, match=r"missing[/\\]metrics_per_image.csv"):
+        summarize_folds([tmp_path / "a", tmp_path / "missing"], tmp_path / "out")
+    with pytest.raises(ValueError, match=r"y.png is scored in .*a.* and in .*b"):
+        summarize_folds([tmp_path / "a", tmp_path / "b"], tmp_path / "out")
+    files = summarize_folds([tmp_path / "a"], tmp_path / "out")
+    assert "| lungs | 2 |" in files["markdown"].read_text()

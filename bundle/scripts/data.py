@@ -8,6 +8,7 @@ take the masks from another sub-folder.
 
 from __future__ import annotations
 
+import math
 import os
 import random
 from collections.abc import Sequence
@@ -60,26 +61,36 @@ def find_pairs(entry: str | os.PathLike | dict, check_sizes: bool = True) -> lis
 
 
 def split_datalist(
-    dataset_dir: str | os.PathLike | dict | Sequence, val_fraction: float = 0.2, seed: int = 0
+    dataset_dir: str | os.PathLike | dict | Sequence, val_fraction: float = 0.2, seed: int = 0, fold: int = 0
 ) -> dict[str, list[dict]]:
     """Seeded split of every dataset folder into ``{"training": [...], "validation": [...]}``.
 
-    Each folder is split on its own (shuffled with ``random.Random(seed)``, the first
-    ``round(val_fraction * n)`` pairs, at least one, go to validation), so that every data set has a
-    held-out part. The same inputs and seed always give the same split.
+    Each folder is split on its own (shuffled with ``random.Random(seed)``), so that every data set has a
+    held-out part. The shuffled pairs are cut into parts of ``round(val_fraction * n)`` (at least one);
+    part ``fold`` is the validation set and the rest is training. ``fold`` 0 (the first part) is the
+    default; folds 0 .. ceil(1 / val_fraction) - 1 give a cross-validation in which every image is
+    validated once (0.2: five folds). The same inputs, seed and fold always give the same split.
     """
     entries = [dataset_dir] if isinstance(dataset_dir, (str, os.PathLike, dict)) else list(dataset_dir)
     if not entries:
         raise DatasetError("dataset_dir is an empty list; give a dataset folder or a list of them")
     if not 0.0 <= val_fraction < 1.0:
         raise DatasetError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    n_folds = math.ceil(round(1 / val_fraction, 6)) if val_fraction > 0 else 1
+    if not 0 <= fold < n_folds:
+        raise DatasetError(f"fold must be in 0..{n_folds - 1} for val_fraction {val_fraction}, got {fold}")
     split = {"training": [], "validation": []}
     for entry in entries:
         pairs = find_pairs(entry)
         random.Random(seed).shuffle(pairs)
-        n_val = max(1, round(val_fraction * len(pairs))) if val_fraction > 0 else 0
-        if n_val >= len(pairs):
-            raise DatasetError(f"{_as_source(entry)[0]}: {len(pairs)} image(s) are too few to split off {n_val}")
-        split["validation"] += pairs[:n_val]
-        split["training"] += pairs[n_val:]
+        if val_fraction == 0:
+            start = stop = 0
+        else:
+            start = round(fold * val_fraction * len(pairs))
+            stop = min(len(pairs), max(start + 1, round((fold + 1) * val_fraction * len(pairs))))
+        if stop - start >= len(pairs) or start >= len(pairs):
+            raise DatasetError(f"{_as_source(entry)[0]}: {len(pairs)} image(s) are too few to split off "
+                               f"fold {fold} of {n_folds} (val_fraction {val_fraction})")
+        split["validation"] += pairs[start:stop]
+        split["training"] += pairs[:start] + pairs[stop:]
     return split

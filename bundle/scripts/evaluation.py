@@ -254,6 +254,71 @@ def _write_csv(path: Path, rows: Sequence[Mapping], columns: Sequence[str]):
             writer.writerow({k: ("" if isinstance(v, float) and not np.isfinite(v) else v) for k, v in row.items()})
 
 
+def write_summary(output_dir: Path, rows: Sequence[Mapping], structures: Sequence[str]) -> None:
+    """metrics_summary.csv and metrics_summary.md of per-image rows in output_dir; logs the Dice per structure."""
+    summary = summarize(rows, structures)
+    _write_csv(output_dir / "metrics_summary.csv", summary,
+               ["dataset", "structure", "metric", "unit", "n", "mean", "sd", "median", "min", "max"])
+    (output_dir / "metrics_summary.md").write_text(summary_markdown(summary, structures))
+    for s in summary:
+        if s["metric"] == "dice":
+            logger.info(f"{s['dataset']:>12s} {s['structure']:>10s}: Dice {_fmt(s['mean'], 4)} ± "
+                        f"{_fmt(s['sd'], 4)} (median {_fmt(s['median'], 4)}, n={s['n']})")
+        elif s["metric"] == "abs_error":
+            logger.info(f"{s['dataset']:>12s} cardiothoracic ratio: |model - expert| {_fmt(s['mean'], 3)} ± "
+                        f"{_fmt(s['sd'], 3)} (median {_fmt(s['median'], 3)}, n={s['n']})")
+
+
+def _parse_cell(column: str, text: str):
+    """A value of metrics_per_image.csv as SegmentationReport wrote it: text, int, or float (empty: NaN)."""
+    if column in ("image", "label", "dataset", "spacing", "distance_unit"):
+        return text
+    if column in ("rows", "cols"):
+        return int(text)
+    return float(text) if text else math.nan
+
+
+def summarize_folds(eval_dirs: Sequence[str | os.PathLike], output_dir: str | os.PathLike) -> dict[str, Path]:
+    """Pools the evaluations of a cross-validation's folds into one table and summary in output_dir.
+
+    ``eval_dirs`` are the eval_dir of each fold's ``evaluating`` run (``--fold k``); their
+    metrics_per_image.csv are concatenated (with a ``fold_dir`` column) and summarised as one
+    evaluation does, so every image is scored once, by the model that did not train on it.
+
+    Raises:
+        FileNotFoundError: a folder has no metrics_per_image.csv.
+        ValueError: no folders, an image is in two folds, or the folds score different structures.
+    """
+    if not eval_dirs:
+        raise ValueError("fold_eval_dirs is empty; give the eval_dir of every fold's evaluating run")
+    rows, columns, seen = [], None, {}
+    for eval_dir in eval_dirs:
+        path = Path(eval_dir) / "metrics_per_image.csv"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such file; run `evaluating` for that fold first (same --fold, "
+                                    f"--output_dir) or correct the folder")
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            columns = columns or reader.fieldnames
+            if reader.fieldnames != columns:
+                raise ValueError(f"{path}: its columns differ from {Path(eval_dirs[0]) / path.name}'s; the folds "
+                                 f"must be evaluations of one task (the same structures)")
+            for row in reader:
+                if row["image"] in seen:
+                    raise ValueError(f"{row['image']} is scored in {seen[row['image']]} and in {path}: the folds "
+                                     f"overlap; use the folds of one cross-validation (same val_fraction and seed)")
+                seen[row["image"]] = path
+                rows.append({k: _parse_cell(k, v) for k, v in row.items()} | {"fold_dir": str(eval_dir)})
+    structures = [c.removesuffix("_dice") for c in columns if c.endswith("_dice") and c != "mean_dice"]
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    _write_csv(output_dir / "metrics_per_image.csv", rows, [*columns, "fold_dir"])
+    write_summary(output_dir, rows, structures)
+    logger.info(f"cross-validation: {len(rows)} image(s) from {len(eval_dirs)} fold(s) written to {output_dir}")
+    return {"per_image": output_dir / "metrics_per_image.csv", "summary": output_dir / "metrics_summary.csv",
+            "markdown": output_dir / "metrics_summary.md"}
+
+
 # ---- overlays ------------------------------------------------------------------------------------
 COLORS = ("tab:red", "tab:blue", "tab:green", "tab:orange", "tab:purple", "tab:cyan")
 
@@ -412,17 +477,7 @@ class SegmentationReport:
                  "summary": self.output_dir / "metrics_summary.csv",
                  "markdown": self.output_dir / "metrics_summary.md"}
         _write_csv(files["per_image"], self.rows, self.columns)
-        summary = summarize(self.rows, self.structures)
-        _write_csv(files["summary"], summary, ["dataset", "structure", "metric", "unit", "n", "mean", "sd", "median",
-                                               "min", "max"])
-        files["markdown"].write_text(summary_markdown(summary, self.structures))
-        for s in summary:
-            if s["metric"] == "dice":
-                logger.info(f"{s['dataset']:>12s} {s['structure']:>10s}: Dice {_fmt(s['mean'], 4)} ± "
-                            f"{_fmt(s['sd'], 4)} (median {_fmt(s['median'], 4)}, n={s['n']})")
-            elif s["metric"] == "abs_error":
-                logger.info(f"{s['dataset']:>12s} cardiothoracic ratio: |model - expert| {_fmt(s['mean'], 3)} ± "
-                            f"{_fmt(s['sd'], 3)} (median {_fmt(s['median'], 3)}, n={s['n']})")
+        write_summary(self.output_dir, self.rows, self.structures)
         if self.overlays:
             overlay_dir = self.output_dir / "overlays"
             overlay_dir.mkdir(exist_ok=True)
