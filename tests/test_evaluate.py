@@ -105,9 +105,23 @@ def test_report_scores_the_structure_channels_and_writes_the_files(tmp_path):
     assert float(summary["jsrt_scr", "dice"]["mean"]) == pytest.approx(0.85)
     assert float(summary["jsrt_scr", "dice"]["sd"]) == pytest.approx(np.std([0.9, 0.8], ddof=1))
     assert summary["jsrt_scr", "hd95"]["unit"] == "mm" and summary["other", "hd95"]["unit"] == "px"
-    assert "0.8500 ± 0.0707 (0.8500)" in files["markdown"].read_text()
+    assert float(summary["jsrt_scr", "dice"]["ci95_low"]) < 0.85 < float(summary["jsrt_scr", "dice"]["ci95_high"])
+    assert "0.8500 ± 0.0707 (0.8500) [0.8000, 0.9000]" in files["markdown"].read_text()
     assert sorted(p.name for p in (tmp_path / "eval" / "overlays").iterdir()) == [
         "jsrt_scr_best_img.png", "jsrt_scr_worst_img.png", "other_best_img.png", "other_worst_img.png"]
+
+
+def test_mean_ci95_agrees_with_the_normal_approximation():
+    """For a roughly normal sample the bootstrap interval is close to mean ± 1.96 sd / sqrt(n)."""
+    from scripts.evaluation import mean_ci95
+
+    dice = np.random.default_rng(3).normal(0.94, 0.03, 60)
+    low, high = mean_ci95(dice)
+    assert low < dice.mean() < high
+    assert (high - low) / 2 == pytest.approx(1.96 * dice.std(ddof=1) / np.sqrt(len(dice)), rel=0.15)
+    assert mean_ci95(dice[:15])[1] - mean_ci95(dice[:15])[0] > high - low  # fewer images, wider interval
+    assert mean_ci95(dice) == (low, high)  # seeded: the same table every run
+    assert all(np.isnan(mean_ci95([0.9]))) and mean_ci95([0.5, 0.5, 0.5]) == (0.5, 0.5)
 
 
 def test_training_curves_are_skipped_without_event_files(tmp_path, caplog):

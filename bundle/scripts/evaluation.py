@@ -171,12 +171,36 @@ def image_spacing(meta: Mapping, dataset: str = "", dataset_spacing: Mapping | N
 
 
 # ---- summaries -----------------------------------------------------------------------------------
+SUMMARY_COLUMNS = ("n", "mean", "ci95_low", "ci95_high", "sd", "median", "min", "max")
+
+
+def mean_ci95(values: np.ndarray) -> tuple[float, float]:
+    """95 % confidence interval of the mean: BCa bootstrap (scipy, 10,000 resamples, fixed seed).
+
+    How far the mean of a validation set of a few dozen images can be trusted: the interval a target
+    should be read against. NaN for fewer than two values; a point when every value is the same.
+    """
+    from scipy.stats import bootstrap
+
+    v = np.asarray(values, dtype=float)
+    if len(v) < 2:
+        return math.nan, math.nan
+    if v.min() == v.max():
+        return float(v[0]), float(v[0])
+    ci = bootstrap((v,), np.mean, confidence_level=0.95, n_resamples=10_000, method="BCa",
+                   random_state=np.random.default_rng(0)).confidence_interval
+    return float(ci.low), float(ci.high)
+
+
 def _stats(values) -> dict:
     v = np.asarray([x for x in values if x is not None and np.isfinite(x)], dtype=float)
     n = len(v)
+    low, high = mean_ci95(v)
     return {
         "n": n,
         "mean": float(v.mean()) if n else math.nan,
+        "ci95_low": low,
+        "ci95_high": high,
         "sd": float(v.std(ddof=1)) if n > 1 else math.nan,
         "median": float(np.median(v)) if n else math.nan,
         "min": float(v.min()) if n else math.nan,
@@ -185,7 +209,9 @@ def _stats(values) -> dict:
 
 
 def summarize(rows: Sequence[Mapping], structures: Sequence[str]) -> list[dict]:
-    """Rows ``dataset, structure, metric, unit, n, mean, sd, median, min, max`` from per-image rows.
+    """Rows ``dataset, structure, metric, unit, n, mean, ci95_low, ci95_high, sd, median, min, max``.
+
+    From per-image rows; ``ci95_*`` bound the mean (:func:`mean_ci95`).
 
     One group per data set, and ``all`` over the data sets when there are several. Distances are
     grouped by unit as well (a data set with a known spacing in mm is not mixed with pixels).
@@ -216,9 +242,10 @@ def _fmt(x: float, digits: int) -> str:
 
 
 def summary_markdown(summary: Sequence[Mapping], structures: Sequence[str]) -> str:
-    """A Markdown table per data set: mean ± sd (median) of each metric and structure."""
+    """A Markdown table per data set: mean ± sd (median) [95 % CI of the mean] of each metric and structure."""
     lines = ["# Evaluation at native resolution", "",
-             "mean ± sd (median) over the images; n = images with a defined value; distances in the unit shown.", ""]
+             "mean ± sd (median) [95 % bootstrap confidence interval of the mean] over the images; n = images with "
+             "a defined value; distances in the unit shown.", ""]
     for dataset in dict.fromkeys(s["dataset"] for s in summary):
         lines += [f"## {dataset}", "", "| structure | n | Dice | IoU (Jaccard) | HD95 | ASSD |",
                   "|---|---|---|---|---|---|"]
@@ -232,7 +259,8 @@ def summary_markdown(summary: Sequence[Mapping], structures: Sequence[str]) -> s
                         digits = 4 if metric in ("dice", "iou") else 2
                         unit = f" {s['unit']}" if s["unit"] else ""
                         parts.append(f"{_fmt(s['mean'], digits)} ± {_fmt(s['sd'], digits)} "
-                                     f"({_fmt(s['median'], digits)}){unit}")
+                                     f"({_fmt(s['median'], digits)}) "
+                                     f"[{_fmt(s['ci95_low'], digits)}, {_fmt(s['ci95_high'], digits)}]{unit}")
                         if metric == "dice":
                             n = s["n"]
                 cells.append("; ".join(parts))
@@ -257,13 +285,13 @@ def _write_csv(path: Path, rows: Sequence[Mapping], columns: Sequence[str]):
 def write_summary(output_dir: Path, rows: Sequence[Mapping], structures: Sequence[str]) -> None:
     """metrics_summary.csv and metrics_summary.md of per-image rows in output_dir; logs the Dice per structure."""
     summary = summarize(rows, structures)
-    _write_csv(output_dir / "metrics_summary.csv", summary,
-               ["dataset", "structure", "metric", "unit", "n", "mean", "sd", "median", "min", "max"])
+    _write_csv(output_dir / "metrics_summary.csv", summary, ["dataset", "structure", "metric", "unit", *SUMMARY_COLUMNS])
     (output_dir / "metrics_summary.md").write_text(summary_markdown(summary, structures))
     for s in summary:
         if s["metric"] == "dice":
-            logger.info(f"{s['dataset']:>12s} {s['structure']:>10s}: Dice {_fmt(s['mean'], 4)} ± "
-                        f"{_fmt(s['sd'], 4)} (median {_fmt(s['median'], 4)}, n={s['n']})")
+            logger.info(f"{s['dataset']:>12s} {s['structure']:>10s}: Dice {_fmt(s['mean'], 4)} "
+                        f"(95 % CI {_fmt(s['ci95_low'], 4)}-{_fmt(s['ci95_high'], 4)}) ± {_fmt(s['sd'], 4)} "
+                        f"(median {_fmt(s['median'], 4)}, n={s['n']})")
         elif s["metric"] == "abs_error":
             logger.info(f"{s['dataset']:>12s} cardiothoracic ratio: |model - expert| {_fmt(s['mean'], 3)} ± "
                         f"{_fmt(s['sd'], 3)} (median {_fmt(s['median'], 3)}, n={s['n']})")
