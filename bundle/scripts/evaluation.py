@@ -285,7 +285,8 @@ def _write_csv(path: Path, rows: Sequence[Mapping], columns: Sequence[str]):
 def write_summary(output_dir: Path, rows: Sequence[Mapping], structures: Sequence[str]) -> None:
     """metrics_summary.csv and metrics_summary.md of per-image rows in output_dir; logs the Dice per structure."""
     summary = summarize(rows, structures)
-    _write_csv(output_dir / "metrics_summary.csv", summary, ["dataset", "structure", "metric", "unit", *SUMMARY_COLUMNS])
+    columns = ["dataset", "structure", "metric", "unit", *SUMMARY_COLUMNS]
+    _write_csv(output_dir / "metrics_summary.csv", summary, columns)
     (output_dir / "metrics_summary.md").write_text(summary_markdown(summary, structures))
     for s in summary:
         if s["metric"] == "dice":
