@@ -27,6 +27,7 @@ import torch
 from monai.config import KeysCollection
 from monai.metrics import DiceMetric, HausdorffDistanceMetric, MeanIoU, SurfaceDistanceMetric
 from monai.transforms import MapTransform, Resize
+from scipy.stats import bootstrap
 
 from .io import read_radiograph
 from .measures import HEART, LUNGS, cardiothoracic_ratio, has_ctr
@@ -174,14 +175,12 @@ def image_spacing(meta: Mapping, dataset: str = "", dataset_spacing: Mapping | N
 SUMMARY_COLUMNS = ("n", "mean", "ci95_low", "ci95_high", "sd", "median", "min", "max")
 
 
-def mean_ci95(values: np.ndarray) -> tuple[float, float]:
+def mean_ci95(values: Sequence[float] | np.ndarray) -> tuple[float, float]:
     """95 % confidence interval of the mean: BCa bootstrap (scipy, 10,000 resamples, fixed seed).
 
     How far the mean of a validation set of a few dozen images can be trusted: the interval a target
     should be read against. NaN for fewer than two values; a point when every value is the same.
     """
-    from scipy.stats import bootstrap
-
     v = np.asarray(values, dtype=float)
     if len(v) < 2:
         return math.nan, math.nan
