@@ -27,7 +27,8 @@ def _workflow(tmp_path, **override):
 
 
 def test_train_config_has_zoo_properties_and_overrides_reach_the_transforms(tmp_path, small_montgomery):
-    wf = _workflow(tmp_path, dataset_dir=str(small_montgomery), spatial_size=[96, 64], num_classes=3)
+    wf = _workflow(tmp_path, dataset_dir=str(small_montgomery), spatial_size=[96, 64], num_classes=3,
+                   opacity_prob=0.4, opacity_radius=[0.1, 0.3])
     wf.initialize()
     assert not wf.check_properties()  # every required train property of MONAI's spec is present
     assert torch.backends.cudnn.benchmark is False  # reproducible by default (cudnn_benchmark: false)
@@ -35,6 +36,9 @@ def test_train_config_has_zoo_properties_and_overrides_reach_the_transforms(tmp_
     assert parser.get_parsed_content("device").type == ("cuda" if torch.cuda.is_available() else "cpu")
     resize = [t for t in parser.get_parsed_content("train#preprocessing").transforms if type(t).__name__ == "Resized"]
     assert tuple(resize[0].resizer.spatial_size) == (96, 64)
+    opacity = [t for t in parser.get_parsed_content("train#preprocessing").transforms
+               if type(t).__name__ == "RandLungOpacityd"]
+    assert opacity[0].prob == 0.4 and opacity[0].radius_range == (0.1, 0.3)
     assert parser.get_parsed_content("network_def").out_channels == 3
     sample = parser.get_parsed_content("validate#dataset")[0]
     assert tuple(sample["image"].shape) == (1, 96, 64)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from monai.data import MetaTensor
 
-from scripts.transforms import CLAHE, CLAHEd
+from scripts.transforms import CLAHE, CLAHEd, RandLungOpacityd
 
 
 def _low_contrast(rows=128, cols=128):
@@ -73,3 +73,47 @@ def test_scale_percentiles_matches_monai_and_keeps_meta():
     assert isinstance(ours, MetaTensor) and ours.meta["filename_or_obj"] == "x.dcm"
     assert float(ours.min()) == 0.0 and float(ours.max()) == 1.0
     torch.testing.assert_close(ours.as_tensor(), monai.as_tensor(), atol=1e-5, rtol=0)
+
+
+def _montgomery_pair(montgomery, stem="MCUCXR_0004_0"):
+    from PIL import Image
+
+    image = np.asarray(Image.open(montgomery / "images" / f"{stem}.png"), np.float32)[None] / 255
+    label = np.asarray(Image.open(montgomery / "masks" / f"{stem}.png"), np.int64)[None]
+    return torch.from_numpy(image), torch.from_numpy(label)
+
+
+def test_lung_opacity_whitens_part_of_a_lung_and_keeps_the_label(montgomery):
+    image, label = _montgomery_pair(montgomery)
+    transform = RandLungOpacityd("image", "label", prob=1.0, intensity_range=(0.9, 0.9), opacity_range=(1.0, 1.0))
+    lung = label[0].numpy() > 0
+    for seed in range(8):
+        transform.set_random_state(seed)
+        out = transform({"image": image.clone(), "label": label.clone()})
+        assert torch.equal(out["label"], label)
+        changed = np.abs(out["image"][0].numpy() - image[0].numpy()) > 0.05
+        assert changed.sum() > 0.01 * lung.sum()
+        # the opacity is centred in the lung field, where it is densest
+        transform.set_random_state(seed)
+        transform.randomize(None)
+        alpha = transform.opacity(lung)
+        assert 0.0 <= alpha.min() and alpha.max() <= 1.0
+        assert lung[np.unravel_index(np.argmax(alpha), alpha.shape)]
+        # it blends toward 0.9: every changed pixel moved toward that value
+        before, after = image[0].numpy()[changed], out["image"][0].numpy()[changed]
+        assert np.all(np.abs(after - 0.9) < np.abs(before - 0.9))
+
+
+def test_lung_opacity_is_seeded_and_leaves_images_without_lung_alone(montgomery):
+    image, label = _montgomery_pair(montgomery)
+    first, second = (RandLungOpacityd("image", "label", prob=1.0) for _ in range(2))
+    first.set_random_state(5)
+    second.set_random_state(5)
+    a = first({"image": image, "label": label})["image"]
+    b = second({"image": image, "label": label})["image"]
+    assert torch.equal(a, b) and not torch.equal(a, image)
+
+    no_lung = RandLungOpacityd("image", "label", prob=1.0)({"image": image, "label": torch.zeros_like(label)})
+    assert torch.equal(no_lung["image"], image)
+    never = RandLungOpacityd("image", "label", prob=0.0)({"image": image, "label": label})
+    assert torch.equal(never["image"], image)

@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import torch
 from monai.config import KeysCollection
-from monai.transforms import LoadImaged, MapTransform, Transform
+from monai.transforms import LoadImaged, MapTransform, RandomizableTransform, Transform
 from monai.utils import convert_to_dst_type, convert_to_numpy
 
 from .io import RadiographReader
@@ -103,4 +103,67 @@ class CLAHEd(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             d[key] = self.clahe(d[key])
+        return d
+
+
+class RandLungOpacityd(RandomizableTransform, MapTransform):
+    """Paint a soft bright opacity over part of a lung field, leaving the label as it is.
+
+    Effusions, consolidations and masses whiten parts of a lung, and the experts still outline the whole
+    anatomical lung behind them (Montgomery's TB cases). This teaches the network to draw the lung's shape
+    rather than its air: with probability ``prob``, an ellipse centred on a random pixel of the lung
+    field (``label[lung_channel] > 0``) is blurred at its edges and blended toward a bright grey value.
+    Run it after the spatial augmentation, on an image in [0, 1], so that image and label agree.
+
+    Args:
+        image_key, label_key: the image (C, H, W) and its label (channel ``lung_channel`` > 0 is lung).
+        prob: probability of painting an opacity.
+        radius_range: semi-axes of the ellipse as fractions of the image's smaller side.
+        intensity_range: grey value the opacity blends toward.
+        opacity_range: blend weight at its centre (1: the anatomy below is hidden).
+        lung_channel: which label channel marks the lung field (0 for a label map or anatomy's lungs).
+    """
+
+    def __init__(
+        self,
+        image_key: str,
+        label_key: str,
+        prob: float = 0.3,
+        radius_range: Sequence[float] = (0.08, 0.25),
+        intensity_range: Sequence[float] = (0.6, 0.95),
+        opacity_range: Sequence[float] = (0.5, 1.0),
+        lung_channel: int = 0,
+    ):
+        MapTransform.__init__(self, [image_key, label_key])
+        RandomizableTransform.__init__(self, prob)
+        self.image_key, self.label_key = image_key, label_key
+        self.radius_range, self.intensity_range = tuple(radius_range), tuple(intensity_range)
+        self.opacity_range, self.lung_channel = tuple(opacity_range), int(lung_channel)
+
+    def opacity(self, lung: np.ndarray) -> np.ndarray | None:
+        """A random blend weight (H, W) in [0, 1] centred in ``lung`` (a boolean mask), or None without lung."""
+        rows, cols = np.nonzero(lung)
+        if rows.size == 0:
+            return None
+        pick = self.R.randint(rows.size)
+        side = min(lung.shape)
+        axes = tuple(int(round(self.R.uniform(*self.radius_range) * side)) for _ in range(2))
+        alpha = np.zeros(lung.shape, np.float32)
+        cv2.ellipse(alpha, (int(cols[pick]), int(rows[pick])), axes, self.R.uniform(0, 180), 0, 360, 1.0, -1)
+        sigma = max(1.0, 0.3 * min(axes))   # soft edges, as a real opacity fades out
+        alpha = cv2.GaussianBlur(alpha, (0, 0), sigma)
+        return alpha * self.R.uniform(*self.opacity_range)
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        self.randomize(None)
+        if not self._do_transform:
+            return d
+        alpha = self.opacity(convert_to_numpy(d[self.label_key][self.lung_channel]) > 0)
+        if alpha is None:
+            return d
+        value = self.R.uniform(*self.intensity_range)
+        image = d[self.image_key]
+        blend = convert_to_dst_type(alpha[None], image)[0]
+        d[self.image_key] = image * (1 - blend) + value * blend
         return d
