@@ -1,10 +1,11 @@
-"""CLAHE as a MONAI transform."""
+"""The bundle's own transforms: CLAHE, percentile scaling and the lung-opacity augmentation."""
 
 import cv2
 import numpy as np
 import pytest
 import torch
 from monai.data import MetaTensor
+from PIL import Image
 
 from scripts.transforms import CLAHE, CLAHEd, RandLungOpacityd
 
@@ -76,8 +77,6 @@ def test_scale_percentiles_matches_monai_and_keeps_meta():
 
 
 def _montgomery_pair(montgomery, stem="MCUCXR_0004_0"):
-    from PIL import Image
-
     image = np.asarray(Image.open(montgomery / "images" / f"{stem}.png"), np.float32)[None] / 255
     label = np.asarray(Image.open(montgomery / "masks" / f"{stem}.png"), np.int64)[None]
     return torch.from_numpy(image), torch.from_numpy(label)

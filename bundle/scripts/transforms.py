@@ -110,8 +110,9 @@ class RandLungOpacityd(RandomizableTransform, MapTransform):
     """Paint a soft bright opacity over part of a lung field, leaving the label as it is.
 
     Effusions, consolidations and masses whiten parts of a lung, and the experts still outline the whole
-    anatomical lung behind them (Montgomery's TB cases). This teaches the network to draw the lung's shape
-    rather than its air: with probability ``prob``, an ellipse centred on a random pixel of the lung
+    anatomical lung behind them (Montgomery's TB cases). This is meant to teach the network the lung's shape
+    rather than its air (on the shared data it gained nothing beyond noise, so train.yaml leaves it off):
+    with probability ``prob``, an ellipse centred on a random pixel of the lung
     field (``label[lung_channel] > 0``) is blurred at its edges and blended toward a bright grey value.
     Run it after the spatial augmentation, on an image in [0, 1], so that image and label agree.
 
