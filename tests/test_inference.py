@@ -548,3 +548,27 @@ def test_resume_with_nothing_left_rewrites_results_csv_and_runs_no_network(tmp_p
     assert wf.parser.get_parsed_content("evaluator").state.iteration == 0  # the network did not run
     wf.finalize()
     assert (tmp_path / "out" / "results.csv").read_text() == whole
+
+
+def test_unet_levels_set_in_one_place_reach_training_and_inference(tmp_path, montgomery):
+    """--unet_channels/--unet_strides build the same (here five-level) UNet from train.yaml and from
+    inference.yaml, so weights trained with them load (strictly) for inference and segment."""
+    from monai.bundle import ConfigParser
+
+    levels = dict(unet_channels=[8, 16, 32, 64, 128, 256], unet_strides=[2, 2, 2, 2, 2])
+    parser = ConfigParser()
+    parser.read_config(TRAIN)
+    parser.update(levels)
+    trained = parser.get_parsed_content("network_def")
+    assert len(trained.state_dict()) > len(torch.load(_weights(tmp_path / "w4.pt"), weights_only=True))
+    torch.save(trained.state_dict(), tmp_path / "w5.pt")
+    image = sorted((montgomery / "images").glob("*.png"))[0]
+    (tmp_path / "in").mkdir()
+    shutil.copy(image, tmp_path / "in" / image.name)
+    wf = _workflow(tmp_path, input_dir=str(tmp_path / "in"), ckpt_path=str(tmp_path / "w5.pt"), spatial_size=[64, 64],
+                   **levels)
+    wf.initialize()
+    wf.run()
+    wf.finalize()
+    mask = _mask(tmp_path / "out" / f"{image.stem}_seg.png")
+    assert mask.shape == np.asarray(Image.open(image)).shape[:2]
