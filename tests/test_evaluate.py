@@ -258,6 +258,11 @@ def test_cross_validation_folds_pool_into_one_evaluation(tmp_path, small_montgom
     assert int(dice["n"]) == 8
     assert float(dice["mean"]) == pytest.approx(np.mean([float(r["lungs_dice"]) for r in pooled]))
     assert "| lungs | 8 |" in (pooled_dir / "metrics_summary.md").read_text()
+    with open(pooled_dir / "metrics_by_fold.csv") as f:
+        by_fold = [s for s in csv.DictReader(f) if (s["structure"], s["metric"]) == ("lungs", "dice")]
+    assert [s["fold_dir"] for s in by_fold] == eval_dirs
+    for s, rows in zip(by_fold, fold_rows):
+        assert float(s["mean"]) == pytest.approx(np.mean([float(r["lungs_dice"]) for r in rows]))
 
 
 def test_summarize_folds_names_the_missing_or_overlapping_fold(tmp_path):
@@ -275,3 +280,22 @@ def test_summarize_folds_names_the_missing_or_overlapping_fold(tmp_path):
         summarize_folds([tmp_path / "a", tmp_path / "b"], tmp_path / "out")
     files = summarize_folds([tmp_path / "a"], tmp_path / "out")
     assert "| lungs | 2 |" in files["markdown"].read_text()
+
+
+def test_summarize_folds_tables_the_mean_dice_of_each_fold(tmp_path):
+    """metrics_by_fold.csv and the summary's per-fold table: each fold's own mean, then their mean and sd."""
+    from scripts.evaluation import summarize_folds
+
+    header = ("image,label,dataset,rows,cols,spacing,distance_unit,mean_dice,"
+              "lungs_dice,lungs_iou,lungs_hd95,lungs_assd\n")
+    for fold, dices in (("fold0", [0.90, 0.96]), ("fold1", [0.97, 0.99])):
+        (tmp_path / fold / "eval").mkdir(parents=True)
+        (tmp_path / fold / "eval" / "metrics_per_image.csv").write_text(header + "".join(
+            f"{fold}_{i}.png,m/{fold}_{i}.png,set,8,8,,px,{d},{d},0.8,1.0,0.5\n" for i, d in enumerate(dices)))
+    files = summarize_folds([tmp_path / "fold0" / "eval", tmp_path / "fold1" / "eval"], tmp_path / "out")
+    with open(files["by_fold"]) as f:
+        dice = {s["fold_dir"]: float(s["mean"]) for s in csv.DictReader(f) if s["metric"] == "dice"}
+    assert list(dice.values()) == pytest.approx([0.93, 0.98])
+    markdown = files["markdown"].read_text()
+    assert "| data set | structure | fold0 | fold1 | mean | sd |" in markdown
+    assert f"| set | lungs | 0.9300 | 0.9800 | 0.9550 | {np.std([0.93, 0.98], ddof=1):.4f} |" in markdown

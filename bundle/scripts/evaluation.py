@@ -342,9 +342,36 @@ def summarize_folds(eval_dirs: Sequence[str | os.PathLike], output_dir: str | os
     output_dir.mkdir(parents=True, exist_ok=True)
     _write_csv(output_dir / "metrics_per_image.csv", rows, [*columns, "fold_dir"])
     write_summary(output_dir, rows, structures)
+    by_fold = [{"fold_dir": str(d), **s} for d in eval_dirs
+               for s in summarize([r for r in rows if r["fold_dir"] == str(d)], structures)]
+    _write_csv(output_dir / "metrics_by_fold.csv", by_fold, ["fold_dir", "dataset", "structure", "metric", "unit",
+                                                             *SUMMARY_COLUMNS])
+    with open(output_dir / "metrics_summary.md", "a") as f:
+        f.write(fold_dice_markdown(by_fold, [str(d) for d in eval_dirs]))
     logger.info(f"cross-validation: {len(rows)} image(s) from {len(eval_dirs)} fold(s) written to {output_dir}")
     return {"per_image": output_dir / "metrics_per_image.csv", "summary": output_dir / "metrics_summary.csv",
-            "markdown": output_dir / "metrics_summary.md"}
+            "markdown": output_dir / "metrics_summary.md", "by_fold": output_dir / "metrics_by_fold.csv"}
+
+
+def fold_dice_markdown(by_fold: Sequence[Mapping], fold_dirs: Sequence[str]) -> str:
+    """A Markdown table of the mean Dice of each fold per data set and structure, with the mean and sd of
+    the fold means (how much the figure of one validation split moves with the split)."""
+    names = [Path(d).parent.name if Path(d).name == "eval" else Path(d).name for d in fold_dirs]
+    lines = ["## Mean Dice per fold", "", "Each fold's mean over its own validation images (folds named by their "
+             "folder); the last two columns are the mean and the sd of those fold means.", "",
+             "| data set | structure | " + " | ".join(names) + " | mean | sd |",
+             "|---|---|" + "---|" * (len(fold_dirs) + 2)]
+    groups = dict.fromkeys((s["dataset"], s["structure"]) for s in by_fold if s["metric"] == "dice")
+    for dataset, structure in groups:
+        means = {s["fold_dir"]: s["mean"] for s in by_fold
+                 if (s["dataset"], s["structure"], s["metric"]) == (dataset, structure, "dice")}
+        values = np.array([means.get(d, math.nan) for d in fold_dirs], dtype=float)
+        finite = values[np.isfinite(values)]
+        sd = float(finite.std(ddof=1)) if finite.size > 1 else math.nan
+        mean = float(finite.mean()) if finite.size else math.nan
+        lines.append(f"| {dataset} | {structure} | " + " | ".join(_fmt(v, 4) for v in values)
+                     + f" | {_fmt(mean, 4)} | {_fmt(sd, 4)} |")
+    return "\n".join(lines + [""])
 
 
 # ---- overlays ------------------------------------------------------------------------------------
