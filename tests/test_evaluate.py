@@ -265,15 +265,18 @@ def test_cross_validation_folds_pool_into_one_evaluation(tmp_path, small_montgom
         assert float(s["mean"]) == pytest.approx(np.mean([float(r["lungs_dice"]) for r in rows]))
 
 
+# the columns of a lung model's metrics_per_image.csv, for tables written by hand
+PER_IMAGE_HEADER = ("image,label,dataset,rows,cols,spacing,distance_unit,mean_dice,"
+                    "lungs_dice,lungs_iou,lungs_hd95,lungs_assd\n")
+
+
 def test_summarize_folds_names_the_missing_or_overlapping_fold(tmp_path):
     from scripts.evaluation import summarize_folds
 
-    header = ("image,label,dataset,rows,cols,spacing,distance_unit,mean_dice,"
-              "lungs_dice,lungs_iou,lungs_hd95,lungs_assd\n")
     for fold, images in (("a", ["x.png", "y.png"]), ("b", ["y.png"])):
         (tmp_path / fold).mkdir()
         (tmp_path / fold / "metrics_per_image.csv").write_text(
-            header + "".join(f"{i},m/{i},set,8,8,,px,0.9,0.9,0.8,1.0,0.5\n" for i in images))
+            PER_IMAGE_HEADER + "".join(f"{i},m/{i},set,8,8,,px,0.9,0.9,0.8,1.0,0.5\n" for i in images))
     with pytest.raises(FileNotFoundError, match=r"missing[/\\]metrics_per_image.csv"):
         summarize_folds([tmp_path / "a", tmp_path / "missing"], tmp_path / "out")
     with pytest.raises(ValueError, match=r"y.png is scored in .*a.* and in .*b"):
@@ -286,11 +289,9 @@ def test_summarize_folds_tables_the_mean_dice_of_each_fold(tmp_path):
     """metrics_by_fold.csv and the summary's per-fold table: each fold's own mean, then their mean and sd."""
     from scripts.evaluation import summarize_folds
 
-    header = ("image,label,dataset,rows,cols,spacing,distance_unit,mean_dice,"
-              "lungs_dice,lungs_iou,lungs_hd95,lungs_assd\n")
     for fold, dices in (("fold0", [0.90, 0.96]), ("fold1", [0.97, 0.99])):
         (tmp_path / fold / "eval").mkdir(parents=True)
-        (tmp_path / fold / "eval" / "metrics_per_image.csv").write_text(header + "".join(
+        (tmp_path / fold / "eval" / "metrics_per_image.csv").write_text(PER_IMAGE_HEADER + "".join(
             f"{fold}_{i}.png,m/{fold}_{i}.png,set,8,8,,px,{d},{d},0.8,1.0,0.5\n" for i, d in enumerate(dices)))
     files = summarize_folds([tmp_path / "fold0" / "eval", tmp_path / "fold1" / "eval"], tmp_path / "out")
     with open(files["by_fold"]) as f:

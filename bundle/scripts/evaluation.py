@@ -342,12 +342,13 @@ def summarize_folds(eval_dirs: Sequence[str | os.PathLike], output_dir: str | os
     output_dir.mkdir(parents=True, exist_ok=True)
     _write_csv(output_dir / "metrics_per_image.csv", rows, [*columns, "fold_dir"])
     write_summary(output_dir, rows, structures)
-    by_fold = [{"fold_dir": str(d), **s} for d in eval_dirs
-               for s in summarize([r for r in rows if r["fold_dir"] == str(d)], structures)]
+    fold_dirs = [str(d) for d in eval_dirs]
+    by_fold = [{"fold_dir": d, **s} for d in fold_dirs
+               for s in summarize([r for r in rows if r["fold_dir"] == d], structures)]
     _write_csv(output_dir / "metrics_by_fold.csv", by_fold, ["fold_dir", "dataset", "structure", "metric", "unit",
                                                              *SUMMARY_COLUMNS])
-    with open(output_dir / "metrics_summary.md", "a") as f:
-        f.write(fold_dice_markdown(by_fold, [str(d) for d in eval_dirs]))
+    with open(output_dir / "metrics_summary.md", "a") as f:  # after write_summary's tables
+        f.write(fold_dice_markdown(by_fold, fold_dirs))
     logger.info(f"cross-validation: {len(rows)} image(s) from {len(eval_dirs)} fold(s) written to {output_dir}")
     return {"per_image": output_dir / "metrics_per_image.csv", "summary": output_dir / "metrics_summary.csv",
             "markdown": output_dir / "metrics_summary.md", "by_fold": output_dir / "metrics_by_fold.csv"}
