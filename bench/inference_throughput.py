@@ -323,7 +323,7 @@ def run_stages(args) -> dict:
                       "batch_size": args.batch_size, "num_workers": 0, "progress": False,
                       "write_threads": 0})  # stages one after the other, so that their times add up
     parser.get_parsed_content("initialize")
-    import scripts.inference as si
+    import scripts.writer as si
 
     spent: dict[str, float] = {}
 
@@ -361,8 +361,8 @@ def run_stages(args) -> dict:
     network.register_forward_pre_hook(lambda m, i: marks.__setitem__("start", time.perf_counter()))
     network.register_forward_hook(lambda m, i, o: spent.__setitem__(
         "network (batches)", spent.get("network (batches)", 0.0) + time.perf_counter() - marks["start"]))
-    save_png = si._save_png
-    si._save_png = lambda array, path: timed(
+    save_png = si.save_png
+    si.save_png = lambda array, path: timed(
         "write: mask PNG" if str(path).endswith("_seg.png") else "write: overlay PNG", save_png)(array, path)
     si.read_radiograph = timed("write: re-read the image for the overlay", si.read_radiograph)
     si.make_overlay = timed("write: draw the overlay", si.make_overlay)

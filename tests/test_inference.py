@@ -118,7 +118,7 @@ def test_measures_qc_flags_and_side_of_single_or_merged_lungs():
 
 
 def test_clean_labels_keeps_largest_components_per_class_and_fills_holes():
-    from scripts.inference import clean_labels
+    from scripts.postprocessing import clean_labels
 
     labels = np.zeros((60, 60), dtype=np.uint8)
     labels[5:40, 5:25] = labels[5:40, 35:55] = 1  # two lungs
@@ -135,7 +135,7 @@ def test_clean_labels_keeps_largest_components_per_class_and_fills_holes():
 
 
 def test_label_map_from_softmax_and_from_one_sigmoid_channel_per_structure():
-    from scripts.inference import LabelMapd, Probabilitiesd, ResizeToNatived
+    from scripts.postprocessing import LabelMapd, Probabilitiesd, ResizeToNatived
 
     # softmax: 2 channels for [background, lungs]
     logits = torch.full((2, 8, 8), -5.0)
@@ -166,7 +166,7 @@ def test_label_map_from_softmax_and_from_one_sigmoid_channel_per_structure():
 
 
 def test_find_inputs_recursive_with_names_and_skips(tmp_path):
-    from scripts.inference import find_inputs
+    from scripts.inputs import find_inputs
 
     root = tmp_path / "in"
     (root / "a" / "b").mkdir(parents=True)
@@ -250,7 +250,7 @@ def test_anatomy_override_merges_onto_inference_yaml(tmp_path):
     names = parser.get_parsed_content("class_names")
     assert names == ANATOMY
     assert parser.get_parsed_content("network_def").out_channels == parser.get_parsed_content("num_classes")
-    from scripts.inference import output_mode
+    from scripts.postprocessing import output_mode
 
     assert output_mode(parser.get_parsed_content("num_classes"), names) in ("softmax", "sigmoid")
     assert parser.get_parsed_content("ckpt_path").endswith("/models/model_anatomy.pt")
@@ -419,7 +419,8 @@ def test_missing_weights_or_inputs_stop_with_a_clear_error(tmp_path):
 def test_overlay_is_screen_sized_and_written_as_rgb_png(tmp_path, width, expected_width):
     """Narrow images are enlarged, wide ones reduced (the mask keeps the native size); the PNG on disk
     has the overlay's pixels in RGB order."""
-    from scripts.inference import _save_png, make_overlay
+    from scripts.files import save_png
+    from scripts.overlay import make_overlay
 
     height = width * 5 // 4
     image = np.tile(np.linspace(0, 4095, width, dtype=np.float32), (height, 1))
@@ -432,13 +433,13 @@ def test_overlay_is_screen_sized_and_written_as_rgb_png(tmp_path, width, expecte
     assert centre[1] > centre[0] + 20 and centre[1] > centre[2] + 20  # the lungs' green over a grey image
 
     path = tmp_path / "overlay.png"
-    _save_png(overlay, str(path))
+    save_png(overlay, str(path))
     with Image.open(path) as written:
         assert written.mode == "RGB" and (np.asarray(written) == overlay).all()
 
 
 def test_overlay_draws_the_ctr_calipers_of_heart_and_thorax():
-    from scripts.inference import class_colours, make_overlay
+    from scripts.overlay import class_colours, make_overlay
 
     image = np.full((600, 600), 100, np.float32)
     masks = np.zeros((3, 600, 600), np.uint8)  # lungs, heart, clavicles
@@ -471,7 +472,7 @@ def test_writer_threads_write_what_the_evaluator_thread_writes(tmp_path, mixed_f
         outputs[threads] = out
     csv0, csv2 = ((outputs[t] / "results.csv").read_text() for t in (0, 2))
     assert csv0 == csv2
-    from scripts.inference import find_inputs
+    from scripts.inputs import find_inputs
 
     paths = [row["path"] for row in csv.DictReader(csv0.splitlines())]
     assert paths == [r["rel"] for r in find_inputs(str(root))] and len(paths) == 9 + len(broken)

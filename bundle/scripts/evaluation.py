@@ -84,7 +84,7 @@ class NativeResolutiond(MapTransform):
 
 
 class CleanStructuresd(MapTransform):
-    """Clean a discrete prediction as folder inference does (``scripts.inference.clean_structures``):
+    """Clean a discrete prediction as folder inference does (``scripts.postprocessing.clean_structures``):
     keep the largest components of each structure and fill enclosed holes, so that the evaluation scores
     what inference writes.
 
@@ -99,7 +99,7 @@ class CleanStructuresd(MapTransform):
         self.class_names, self.max_components, self.fill_holes = list(class_names), max_components, fill_holes
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
-        from .inference import clean_structures
+        from .postprocessing import clean_structures
 
         d = dict(data)
         n = len(self.class_names) - 1

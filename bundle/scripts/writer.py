@@ -1,0 +1,342 @@
+"""Writing the outputs of folder inference: masks, overlays, DICOM SEGs and results.csv, and the progress bar."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+from collections import deque
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+from .files import atomic_write, save_png
+from .inputs import describe_error
+from .io import is_dicom, read_radiograph
+from .measures import csv_columns, measure
+from .overlay import legend_lines, make_overlay
+from .postprocessing import output_mode, structures_from_labels
+
+logger = logging.getLogger("cxr_segmentation.inference")
+
+RESULTS_CSV = "results.csv"
+
+
+def _format_number(value, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _bundle_version(metadata_file: str | None) -> str:
+    try:
+        with open(metadata_file) as f:  # type: ignore[arg-type]
+            return str(json.load(f).get("version", "unknown"))
+    except Exception:  # noqa: BLE001
+        return "unknown"
+
+
+class SegmentationWriter:
+    """Ignite handler of the inference evaluator: writes every item's outputs and ``results.csv``.
+
+    Per item (after post-processing), under ``output_dir`` with the input's relative folder:
+    ``<name>_seg.png`` (uint8 label map at native size), ``<name>_overlay.png`` (if ``write_overlay``)
+    and, for DICOM inputs, ``<name>_seg.dcm`` (if ``write_dicom_seg``). Status ``ok`` means that all
+    of them were written; any failure (reading, post-processing, writing) makes the row ``failed``
+    with the reason, and a WARNING log line naming the file. Rows are appended to
+    ``results.csv.partial`` as they come and moved to ``results.csv`` when the run ends (also when it
+    ends with an exception), so ``results.csv`` is never half written.
+
+    The files are written by ``write_threads`` threads while the network runs on the next batch (the
+    image codecs release the GIL); rows still go to ``results.csv`` in input order. ``write_threads``
+    0 writes in the evaluator's thread.
+
+    Args:
+        output_dir: the output folder.
+        class_names: names of the class indices (``len(class_names)`` must be the network's outputs).
+        num_classes: the network's output channels, checked against ``class_names``.
+        input_dir: the input folder, for the summary line.
+        write_overlay, write_dicom_seg: which optional outputs to write.
+        metadata_file: the bundle's metadata.json; its version goes into the DICOM SEGs.
+        write_threads: threads writing the files (0: none, write in the evaluator's thread).
+    """
+
+    max_pending = 32  # items handed to the threads and not yet written: bounds the memory held
+
+    def __init__(
+        self,
+        output_dir: str,
+        class_names: Sequence[str],
+        num_classes: int | None = None,
+        input_dir: str | None = None,
+        write_overlay: bool = True,
+        write_dicom_seg: bool = True,
+        metadata_file: str | None = None,
+        write_threads: int = 2,
+    ):
+        self.class_names = [str(c) for c in class_names]
+        if num_classes is not None:
+            output_mode(int(num_classes), self.class_names)  # raises when they do not fit
+        self.output_dir = os.path.abspath(str(output_dir))
+        self.input_dir = input_dir
+        self.write_overlay = write_overlay
+        self.write_dicom_seg = write_dicom_seg
+        if write_dicom_seg:
+            try:
+                import highdicom  # noqa: F401
+            except ImportError:
+                logger.warning("inference: highdicom is not installed, so no DICOM SEG is written "
+                               "(pip install highdicom, or --write_dicom_seg False to silence this)")
+                self.write_dicom_seg = False
+        self.version = _bundle_version(metadata_file)
+        self.columns = csv_columns(self.class_names)
+        self.n_ok = self.n_failed = 0
+        self.failed: list[tuple[str, str]] = []
+        self._csv = None
+        self.write_threads = int(write_threads)
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: deque[Future] = deque()
+        self.carried: list[dict] = []  # results.csv rows of an earlier run in output_dir (resume)
+
+    # -- resuming an interrupted run ---------------------------------------------------------------
+    def _expected_files(self, record: Mapping) -> list[str]:
+        base = os.path.join(self.output_dir, str(record["name"]))
+        files = [base + "_seg.png"]
+        if self.write_overlay:
+            files.append(base + "_overlay.png")
+        if self.write_dicom_seg and is_dicom(record["image"]):
+            files.append(base + "_seg.dcm")
+        return files
+
+    def still_to_do(self, datalist: Sequence[dict]) -> list[dict]:
+        """The inputs an earlier run into ``output_dir`` has not finished; keeps the others' rows for results.csv.
+
+        An input counts as done when the earlier ``results.csv`` (or the ``results.csv.partial`` of a run that
+        was killed) has an ``ok`` row for it and all its output files exist. Failed inputs are tried again.
+        """
+        previous: dict[str, dict] = {}
+        for name in (RESULTS_CSV, RESULTS_CSV + ".partial"):  # the partial file of a killed run is the newer
+            path = os.path.join(self.output_dir, name)
+            if os.path.isfile(path):
+                with open(path, newline="") as f:
+                    reader = csv.DictReader(f)
+                    if reader.fieldnames != self.columns:
+                        logger.warning(f"inference: {path} has other columns (another model?); not resuming from it")
+                        continue
+                    previous.update((row["path"], row) for row in reader)
+        self.carried, to_do = [], []
+        for record in datalist:
+            row = previous.get(str(record["rel"]))
+            if row and row["status"] == "ok" and all(os.path.isfile(f) for f in self._expected_files(record)):
+                self.carried.append(row)
+            else:
+                to_do.append(record)
+        logger.info(f"inference: resuming in {self.output_dir}: {len(self.carried)} of {len(datalist)} input(s) "
+                    f"done by an earlier run, {len(to_do)} to do")
+        return to_do
+
+    def write_carried_only(self) -> None:
+        """Finish a resumed run that has nothing left to do: results.csv from the earlier rows."""
+        self.started(None)
+        self.completed(None)
+
+    # -- run checks --------------------------------------------------------------------------------
+    def check_ready(self, datalist: Sequence[dict], ckpt_path: str) -> None:
+        """Stop with a clear error before the run when there is nothing to do or no model."""
+        if not os.path.isfile(ckpt_path):
+            raise FileNotFoundError(f"inference: no model weights at {ckpt_path} (set --ckpt_path, or --model_file "
+                                    f"for a file in the bundle's models/ folder)")
+        if not datalist and not self.carried:
+            raise FileNotFoundError(f"inference: no radiograph (PNG/JPEG/TIFF/BMP, DICOM, NIfTI) found in "
+                                    f"{self.input_dir!s}")
+
+    def raise_if_failed(self, fail_on_error: bool) -> None:
+        """With ``fail_on_error``, end the run with an error (exit status 1) when any input failed."""
+        if fail_on_error and self.n_failed:
+            message = (f"inference: {self.n_failed} of {self.n_ok + self.n_failed} input(s) failed, see "
+                       f"{os.path.join(self.output_dir, RESULTS_CSV)}")
+            logger.error(message + " (fail_on_error: exit status 1)")
+            raise RuntimeError(message)
+
+    # -- ignite ------------------------------------------------------------------------------------
+    def attach(self, engine) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.STARTED, self.started)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.iteration_completed)
+        engine.add_event_handler(Events.COMPLETED, self.completed)
+        engine.add_event_handler(Events.EXCEPTION_RAISED, self.exception_raised)
+
+    def started(self, engine) -> None:
+        os.makedirs(self.output_dir, exist_ok=True)
+        self.n_ok = self.n_failed = 0
+        self.failed = []
+        self._close_csv()
+        self._csv = open(os.path.join(self.output_dir, RESULTS_CSV + ".partial"), "w", newline="")
+        self._writer = csv.DictWriter(self._csv, fieldnames=self.columns, extrasaction="ignore")
+        self._writer.writeheader()
+        self._writer.writerows(self.carried)
+        self.n_ok = len(self.carried)
+        if self.write_threads > 0:
+            self._pool = ThreadPoolExecutor(self.write_threads, thread_name_prefix="cxr-writer")
+
+    def iteration_completed(self, engine) -> None:
+        batch, output = engine.state.batch, engine.state.output
+        if isinstance(batch, dict):  # not decollated
+            from monai.data import decollate_batch
+
+            batch, output = decollate_batch(batch), decollate_batch(output)
+        for item, out in zip(batch, output):
+            if self._pool is None:
+                self._record(item, self.write_item(item, out))
+            else:
+                self._pending.append(self._pool.submit(lambda i=item, o=out: (i, self.write_item(i, o))))
+        self._collect(keep=self.max_pending)
+        self._csv.flush()
+
+    def completed(self, engine) -> None:
+        self._finish()
+
+    def exception_raised(self, engine, e: Exception) -> None:
+        logger.error(f"inference: stopped by {type(e).__name__}: {e}")
+        self._finish()
+        raise e
+
+    # -- one item ----------------------------------------------------------------------------------
+    def write_item(self, item: Mapping, out: Mapping) -> dict:
+        """Write one item's output files; returns its results.csv row. Never raises: a failure is the row's error."""
+        rel, error = str(item["rel"]), str(item.get("error") or "")
+        row: dict = {"path": rel, "status": "ok", "error": ""}
+        if not error:
+            try:
+                row.update(self._write_outputs(item, out))
+            except Exception as e:  # noqa: BLE001 - a failed output fails this file only
+                error = f"writing outputs failed: {describe_error(e)}"
+        if error:
+            row.update(status="failed", error=error)
+        return row
+
+    def _record(self, item: Mapping, row: dict) -> None:
+        """Count the item, log it when it failed and append its row to results.csv (evaluator's thread only)."""
+        if row["status"] == "failed":
+            path = str(item["path"])
+            self.n_failed += 1
+            self.failed.append((path, row["error"]))
+            logger.warning(f"inference: failed {path}: {row['error']}")
+        else:
+            self.n_ok += 1
+        self._writer.writerow({k: _format_number(v) if not isinstance(v, str) else v for k, v in row.items()})
+
+    def _collect(self, keep: int) -> None:
+        """Record the written items in input order: all that are done, and wait until at most ``keep`` remain."""
+        while self._pending and (len(self._pending) > keep or self._pending[0].done()):
+            self._record(*self._pending.popleft().result())
+
+    def _write_outputs(self, item: Mapping, out: Mapping) -> dict:
+        labels = torch.as_tensor(out["pred"]).detach().cpu().numpy()
+        labels = labels.reshape(labels.shape[-2:]).astype(np.uint8)
+        rows, columns = int(item["rows"]), int(item["columns"])
+        if labels.shape != (rows, columns):
+            raise ValueError(f"label map {labels.shape} is not the native size {(rows, columns)}")
+        if out.get("structures") is not None:
+            masks = torch.as_tensor(out["structures"]).detach().cpu().numpy().astype(np.uint8)
+        else:
+            masks = structures_from_labels(labels, len(self.class_names))
+        spacing_values = [float(s) for s in torch.as_tensor(item["spacing"]).reshape(-1).tolist()]
+        spacing = None if any(math.isnan(s) for s in spacing_values) else spacing_values
+        measures = measure(masks, self.class_names, spacing)
+        base = os.path.join(self.output_dir, str(item["name"]))
+        save_png(labels, base + "_seg.png")
+        if self.write_overlay:
+            image, _ = read_radiograph(str(item["path"]))
+            save_png(make_overlay(image, masks, self.class_names, legend_lines(self.class_names, measures)),
+                     base + "_overlay.png")
+        if self.write_dicom_seg and str(item.get("format")) == "dicom":
+            from .dicom_seg import make_dicom_seg
+
+            seg = make_dicom_seg(str(item["path"]), masks, self.class_names, self.version)
+            atomic_write(base + "_seg.dcm", lambda tmp: seg.save_as(tmp, enforce_file_format=True))
+        if spacing is None:
+            spacing_text = ""
+        elif abs(spacing[0] - spacing[1]) < 1e-6:
+            spacing_text = f"{spacing[0]:.4g}"
+        else:
+            spacing_text = f"{spacing[0]:.4g}x{spacing[1]:.4g}"
+        measures["qc_flags"] = ";".join(measures["qc_flags"])
+        return {"rows": rows, "columns": columns, "spacing_mm": spacing_text, **measures}
+
+    # -- results.csv -------------------------------------------------------------------------------
+    def _close_csv(self) -> None:
+        if self._csv is not None and not self._csv.closed:
+            self._csv.close()
+
+    def _finish(self) -> None:
+        if self._csv is None:
+            return
+        self._collect(keep=0)
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+        self._close_csv()
+        if self.carried:  # earlier rows came first: back to input order (sorted paths)
+            with open(self._csv.name, newline="") as f:
+                rows = sorted(csv.DictReader(f), key=lambda row: row["path"])
+            with open(self._csv.name, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=self.columns)
+                writer.writeheader()
+                writer.writerows(rows)
+        os.replace(self._csv.name, os.path.join(self.output_dir, RESULTS_CSV))
+        self._csv = None
+        earlier = f" ({len(self.carried)} by an earlier run)" if self.carried else ""
+        logger.info(f"inference: {self.n_ok} succeeded{earlier}, {self.n_failed} failed -> {self.output_dir}")
+
+
+class ImageProgressBar:
+    """A tqdm bar over the images (not the batches) of an evaluator run, with the count, rate and ETA.
+
+    While it runs, log lines go through ``tqdm.write`` so that they do not break the bar.
+    """
+
+    def __init__(self, writer: SegmentationWriter | None = None, desc: str = "inference"):
+        self.writer = writer
+        self.desc = desc
+        self.bar = None
+        self._redirect = None
+
+    def attach(self, engine) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.STARTED, self.started)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.iteration_completed)
+        engine.add_event_handler(Events.COMPLETED, self.close)
+
+    def started(self, engine) -> None:
+        from tqdm import tqdm
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        loader = engine.state.dataloader
+        total = len(loader.dataset) if hasattr(loader, "dataset") else None
+        self.bar = tqdm(total=total, desc=self.desc, unit="img", dynamic_ncols=True)
+        self._redirect = logging_redirect_tqdm()
+        self._redirect.__enter__()
+
+    def iteration_completed(self, engine) -> None:
+        batch = engine.state.batch
+        n = len(batch) if isinstance(batch, list) else len(batch["image"])
+        if self.writer is not None:
+            self.bar.set_postfix(failed=self.writer.n_failed, refresh=False)
+        self.bar.update(n)
+
+    def close(self, engine=None) -> None:
+        if self._redirect is not None:
+            self._redirect.__exit__(None, None, None)
+            self._redirect = None
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
