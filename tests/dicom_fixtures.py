@@ -15,6 +15,9 @@ if TYPE_CHECKING:
 
 DX_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage - For Presentation
 CR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.1"  # Computed Radiography Image Storage
+# type-2 attributes (present, may be empty) that de-identified exports often lack altogether
+DEIDENTIFIED_REMOVED = ("PatientName", "PatientBirthDate", "PatientSex", "ReferringPhysicianName", "StudyID",
+                        "AccessionNumber", "StudyDate", "StudyTime")
 
 
 def write_dicom(
@@ -31,6 +34,7 @@ def write_dicom(
     pixel_data: bool = True,
     study_uid: str | None = None,
     patient_id: str = "CXR-TEST-001",
+    deidentified: bool = False,
 ) -> "Dataset":
     """Write ``pixels`` (rows, columns; stored values, already inverted for MONOCHROME1) as a DICOM file.
 
@@ -45,6 +49,9 @@ def write_dicom(
             "j2k" (JPEG 2000 Lossless, encoded by pylibjpeg-openjpeg) or "jpeg" (JPEG Baseline 8-bit, lossy,
             quality 95, encoded by Pillow and encapsulated; 8-bit pixels only): the common PACS exports.
         pixel_data: False writes every image tag but no PixelData element.
+        deidentified: leave out the type-2 attributes that de-identification profiles remove or that
+            archive exports often lack (PatientName, PatientBirthDate, PatientSex, ReferringPhysicianName,
+            StudyID, AccessionNumber, StudyDate, StudyTime), as many real exports are.
 
     Returns:
         the dataset as written.
@@ -101,6 +108,9 @@ def write_dicom(
         ds.PixelIntensityRelationship = "LOG"
         ds.PixelIntensityRelationshipSign = 1
         ds.BurnedInAnnotation = "NO"
+    if deidentified:
+        for keyword in DEIDENTIFIED_REMOVED:
+            delattr(ds, keyword)
     if spacing is not None:
         ds.ImagerPixelSpacing = [f"{s:g}" for s in spacing]
 
