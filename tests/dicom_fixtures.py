@@ -46,7 +46,8 @@ def write_dicom(
         spacing: ImagerPixelSpacing in mm (rows, columns), or None to leave it out.
         sop_class: "DX" (DX For Presentation) or "CR".
         compress: None (explicit VR little endian), "rle" (RLE Lossless, pydicom's own encoder),
-            "j2k" (JPEG 2000 Lossless, encoded by pylibjpeg-openjpeg) or "jpeg" (JPEG Baseline 8-bit, lossy,
+            "j2k" (JPEG 2000 Lossless, encoded by pylibjpeg-openjpeg), "jpegls" (JPEG-LS Lossless, encoded by
+            pyjpegls) or "jpeg" (JPEG Baseline 8-bit, lossy,
             quality 95, encoded by Pillow and encapsulated; 8-bit pixels only): the common PACS exports.
         pixel_data: False writes every image tag but no PixelData element.
         deidentified: leave out the type-2 attributes that de-identification profiles remove or that
@@ -61,6 +62,7 @@ def write_dicom(
         ExplicitVRLittleEndian,
         JPEG2000Lossless,
         JPEGBaseline8Bit,
+        JPEGLSLossless,
         PYDICOM_IMPLEMENTATION_UID,
         RLELossless,
         generate_uid,
@@ -133,6 +135,8 @@ def write_dicom(
             ds.compress(RLELossless, encoding_plugin="pydicom")
         elif compress == "j2k":
             ds.compress(JPEG2000Lossless)
+        elif compress == "jpegls":
+            ds.compress(JPEGLSLossless)
         elif compress == "jpeg":
             import io
 
