@@ -25,8 +25,8 @@ import argparse
 import csv
 import io
 import os
+import secrets
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
@@ -62,9 +62,20 @@ class Sample:
 
 
 def atomic_write(path: Path, write: Callable) -> None:
-    """Call write(fileobj) on a temp file in path's folder, then os.replace it onto path."""
+    """Call write(fileobj) on a temp file in path's folder, then os.replace it onto path.
+
+    The file gets the permissions of any new file, 0o666 less the umask (tempfile.mkstemp's 0o600 would
+    keep the outputs from other users whatever the umask)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            break
+        except FileExistsError:
+            continue
+    else:
+        raise FileExistsError(f"no free temporary name for {path.name} in {path.parent}")
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
