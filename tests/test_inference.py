@@ -84,7 +84,7 @@ def test_measures_areas_sides_spacing_and_ctr():
     assert m["cardiothoracic_ratio"] == pytest.approx(40 / 100)  # heart 40 px / thorax columns 10..109
     assert m["qc_flags"] == []
     assert csv_columns(names) == [
-        "path", "status", "error", "rows", "columns", "spacing_mm", "lung_area_px", "lung_area_cm2",
+        "path", "status", "error", "warnings", "rows", "columns", "spacing_mm", "lung_area_px", "lung_area_cm2",
         "right_lung_area_px", "left_lung_area_px", "n_lung_components", "heart_area_px", "heart_area_cm2",
         "clavicles_area_px", "clavicles_area_cm2", "cardiothoracic_ratio", "qc_flags"]
     assert "heart_area_px" not in csv_columns(["background", "lungs"])
@@ -107,6 +107,16 @@ def test_measures_qc_flags_and_side_of_single_or_merged_lungs():
     right, left, n = split_lungs(merged.astype(bool))
     assert n == 1 and right.sum() == left.sum() == 60 * 40 and not (right & left).any()
     assert measure(merged, ["background", "lungs"], None)["qc_flags"] == ["lung_components!=2"]
+    # the counts measure() takes are the pixels of split_lungs' masks, whatever the blobs
+    import cv2
+
+    from scripts.measures import lung_side_areas
+
+    for seed in range(4):
+        blobs = cv2.GaussianBlur(np.random.default_rng(seed).normal(size=(90, 120)), (0, 0), 3) > 0.05
+        right, left, n = split_lungs(blobs)
+        assert lung_side_areas(blobs) == (int(right.sum()), int(left.sum()), n) and n > 2
+        assert not (right & left).any() and ((right | left) == blobs).all()
 
     tiny = np.zeros((100, 100), dtype=np.uint8)
     tiny[40:45, 10:15] = tiny[40:45, 80:85] = 1
@@ -134,19 +144,30 @@ def test_clean_labels_keeps_largest_components_per_class_and_fills_holes():
     np.testing.assert_array_equal(kept, labels)
 
 
-def test_label_map_from_softmax_and_from_one_sigmoid_channel_per_structure():
-    from scripts.postprocessing import LabelMapd, Probabilitiesd, ResizeToNatived
+def test_decision_at_network_size_is_cleaned_and_brought_to_native_size():
+    from scripts.postprocessing import DecideAtNetworkSized, ResizeDecisiond
 
-    # softmax: 2 channels for [background, lungs]
-    logits = torch.full((2, 8, 8), -5.0)
-    logits[1, 2:6, 1:3] = logits[1, 2:6, 5:7] = 5.0
+    # softmax: 2 channels for [background, lungs]; two lungs, a stray fragment and a hole in the left lung
+    logits = torch.full((2, 16, 16), -5.0)
+    logits[1, 2:12, 1:6] = logits[1, 2:12, 9:14] = 5.0
+    logits[1, 14:16, 14:16] = 5.0  # fragment: removed (2 components kept)
+    logits[1, 6, 3] = -5.0  # hole: filled
     logits[0] = -logits[1]
-    item = {"pred": logits, "rows": 16, "columns": 16, "error": ""}
-    for t in (Probabilitiesd("pred", ["background", "lungs"]), ResizeToNatived("pred"),
-              LabelMapd("pred", ["background", "lungs"], {"lungs": 2})):
+    item = {"pred": logits, "rows": 48, "columns": 64, "error": ""}
+    for t in (DecideAtNetworkSized("pred", ["background", "lungs"], {"lungs": 2}), ResizeDecisiond("pred")):
         item = t(item)
-    assert tuple(item["pred"].shape) == (1, 16, 16) and item["pred"].dtype == torch.uint8
-    assert (item["pred"] == 1).sum() == 2 * 8 * 4 and torch.equal(item["structures"][0], item["pred"][0])
+    assert item["rule"] == "sign" and item["fields"].shape == (1, 16, 16)
+    labels = item["pred"]
+    assert tuple(labels.shape) == (1, 48, 64) and labels.dtype == torch.uint8
+    assert torch.equal(item["structures"][0], labels[0])
+    # at native size: no fragment, no hole; the decision is exactly the argmax of the bilinearly upsampled
+    # logits of the cleaned picture (the clean-up mirrors the turned pixels' values: +-5 here)
+    assert labels[0, 42:, 56:].sum() == 0 and labels[0, 18:21, 12:16].all()
+    clean = logits.clone()
+    clean[1, 14:16, 14:16] = clean[0, 6, 3] = -5.0
+    clean[0, 14:16, 14:16] = clean[1, 6, 3] = 5.0
+    up = torch.nn.functional.interpolate(clean[None], size=(48, 64), mode="bilinear", align_corners=False)[0]
+    np.testing.assert_array_equal((up.argmax(0) == 1).numpy(), labels[0].bool().numpy())
 
     # sigmoid: 3 channels for lungs, heart, clavicles, which overlap; the later class wins in the label map
     logits = torch.full((3, 10, 10), -5.0)
@@ -154,15 +175,44 @@ def test_label_map_from_softmax_and_from_one_sigmoid_channel_per_structure():
     logits[1, 5:9, 3:7] = 5.0  # heart
     logits[2, 1:3, 0:10] = 5.0  # clavicles across both lungs
     item = {"pred": logits, "rows": 10, "columns": 10, "error": ""}
-    for t in (Probabilitiesd("pred", ANATOMY), ResizeToNatived("pred"), LabelMapd("pred", ANATOMY, {"clavicles": 2})):
+    for t in (DecideAtNetworkSized("pred", ANATOMY, {"clavicles": 2}), ResizeDecisiond("pred")):
         item = t(item)
     labels, masks = item["pred"][0].numpy(), item["structures"].numpy()
     assert masks.shape == (3, 10, 10) and masks[0].sum() == 2 * 8 * 3  # full lungs, behind the clavicles too
     assert labels[1, 2] == 3 and labels[6, 2] == 1 and labels[6, 4] == 2 and labels[0, 0] == 0
-    failed = {"pred": logits, "rows": 0, "columns": 0, "error": "broken"}
-    assert LabelMapd("pred", ANATOMY)(ResizeToNatived("pred")(failed))["pred"] is logits  # error records pass
     with pytest.raises(ValueError, match="output channels"):
-        Probabilitiesd("pred", ["background", "lungs"])({"pred": torch.zeros(4, 2, 2), "error": ""})
+        DecideAtNetworkSized("pred", ["background", "lungs"])({"pred": torch.zeros(4, 2, 2), "error": ""})
+
+
+def test_decision_fields_read_at_any_size_keep_the_clean_up():
+    """Bilinear resampling of the cleaned fields keeps what the clean-up decided, for the sign rule (2
+    classes) and the argmax rule (3 or more softmax classes): one component per class at 10x the size."""
+    import cv2
+    from scipy import ndimage
+
+    from scripts.postprocessing import clean_labels, decide_at_size, decision_fields
+
+    eight = np.ones((3, 3))
+    for seed in range(3):
+        noise = np.random.default_rng(seed).normal(size=(40, 50)).astype(np.float32)
+        smooth = cv2.GaussianBlur(noise, (0, 0), 2) * 20  # many blobs: fragments and holes to clean
+        two = np.stack([np.zeros_like(smooth), smooth])
+        fields, rule = decision_fields(two, ["background", "lungs"], {"lungs": 1})
+        assert rule == "sign"
+        cleaned = clean_labels((smooth > 0).astype(np.uint8), ["background", "lungs"], {"lungs": 1})
+        np.testing.assert_array_equal(decide_at_size(fields, rule, (40, 50))[0], cleaned)
+        big = decide_at_size(fields, rule, (400, 500))[0]
+        assert ndimage.label(big, eight)[1] == 1
+        assert not (ndimage.binary_fill_holes(big) & ~big.astype(bool)).any()
+
+        three = np.stack([np.zeros_like(smooth), smooth, 2 - smooth])
+        fields, rule = decision_fields(three, ["background", "a", "b"], {"a": 1, "b": 1})
+        assert rule == "argmax" and fields.shape == (3, 40, 50)
+        big = decide_at_size(fields, rule, (400, 500))
+        assert [ndimage.label(m, eight)[1] for m in big] == [1, 1]
+        # torch on a device gives the same masks as OpenCV on the CPU (here the CPU stands in for the device)
+        via_torch = decide_at_size(torch.as_tensor(fields), rule, (400, 500))
+        assert (via_torch != big).mean() < 1e-3
 
 
 def test_find_inputs_recursive_with_names_and_skips(tmp_path):
@@ -215,7 +265,8 @@ def test_preprocessing_is_the_image_part_of_train_yaml(jsrt_scr):
             data = t(data)
         tensors.append(data["image"])
         names = [type(t).__name__ for t in transforms if "image" in t.keys]  # train's label-only steps left out
-        assert names == ["LoadRadiographd", "ScalePercentilesd", "Resized", "CLAHEd", "EnsureTyped"]
+        display = ["DisplayCopyd"] if config == INFER else []  # inference's copy for the overlay (image unchanged)
+        assert names == ["LoadRadiographd", *display, "ScalePercentilesd", "Resized", "CLAHEd", "EnsureTyped"]
     train_image, infer_image = tensors
     assert tuple(infer_image.shape) == (1, 128, 96) and infer_image.dtype == torch.float32
     assert torch.equal(train_image.as_tensor(), infer_image.as_tensor())
@@ -294,8 +345,7 @@ def test_cli_segments_a_mixed_folder_and_reports_broken_files(tmp_path, mixed_fo
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "monai.bundle", "run", "inference", "--bundle_root", "bundle",
            "--config_file", "bundle/configs/inference.yaml", "--input_dir", str(root), "--output_dir", str(out),
-           "--ckpt_path", str(_weights(tmp_path / "w.pt")), "--spatial_size", "[64,64]", "--batch_size", "3",
-           "--num_workers", "1"]
+           "--batch_size", "3", "--num_workers", "1"]  # the shipped lung model, so that the masks are real ones
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-3000:]
@@ -319,7 +369,7 @@ def test_cli_segments_a_mixed_folder_and_reports_broken_files(tmp_path, mixed_fo
         name = out / rel.replace(".nii.gz", "").rsplit(".", 1)[0] if "." in Path(rel).name else out / rel
         mask = _mask(f"{name}_seg.png")
         assert mask.dtype == np.uint8 and mask.shape == (int(row["rows"]), int(row["columns"])) == (256, 256)
-        assert Path(f"{name}_overlay.png").is_file()
+        assert Path(f"{name}_overlay.jpg").is_file()
         assert Path(f"{name}_seg.dcm").is_file() == rel.startswith("dicom/")
         assert int(row["lung_area_px"]) == int((mask == 1).sum())
         assert int(row["right_lung_area_px"]) + int(row["left_lung_area_px"]) == int(row["lung_area_px"])
@@ -376,7 +426,7 @@ def test_anatomy_model_dicom_seg_segments_and_fail_on_error(tmp_path, montgomery
     out = tmp_path / "out"
     with open(out / "results.csv", newline="") as f:
         header = next(csv.reader(f))
-    assert header[:6] == ["path", "status", "error", "rows", "columns", "spacing_mm"]
+    assert header[:7] == ["path", "status", "error", "warnings", "rows", "columns", "spacing_mm"]
     assert {"heart_area_px", "heart_area_cm2", "clavicles_area_px", "cardiothoracic_ratio", "qc_flags"} <= set(header)
     rows = _rows(out / "results.csv")
     assert rows["c.png"]["status"] == "failed" and "empty" in rows["c.png"]["error"]
@@ -476,8 +526,9 @@ def test_writer_threads_write_what_the_evaluator_thread_writes(tmp_path, mixed_f
 
     paths = [row["path"] for row in csv.DictReader(csv0.splitlines())]
     assert paths == [r["rel"] for r in find_inputs(str(root))] and len(paths) == 9 + len(broken)
-    files0 = sorted(p.relative_to(outputs[0]) for p in outputs[0].rglob("*.png"))
-    assert files0 == sorted(p.relative_to(outputs[2]) for p in outputs[2].rglob("*.png")) and len(files0) == 18
+    files0 = sorted(p.relative_to(outputs[0]) for p in outputs[0].rglob("*_*.*") if p.suffix in (".png", ".jpg"))
+    files2 = sorted(p.relative_to(outputs[2]) for p in outputs[2].rglob("*_*.*") if p.suffix in (".png", ".jpg"))
+    assert files0 == files2 and len(files0) == 18  # a mask and an overlay for each of the 9 radiographs
     for rel in files0:
         np.testing.assert_array_equal(_mask(outputs[0] / rel), _mask(outputs[2] / rel), err_msg=str(rel))
 

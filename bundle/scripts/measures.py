@@ -24,7 +24,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from scipy import ndimage
 
 QC_LIMITS = {
     "lung_area_fraction": (0.08, 0.50),
@@ -37,7 +36,7 @@ LUNGS, HEART = "lungs", "heart"
 
 def csv_columns(class_names: Sequence[str]) -> list[str]:
     """The header of results.csv for a model with these classes (heart columns only with a heart class)."""
-    columns = ["path", "status", "error", "rows", "columns", "spacing_mm"]
+    columns = ["path", "status", "error", "warnings", "rows", "columns", "spacing_mm"]
     if LUNGS in class_names:
         columns += ["lung_area_px", "lung_area_cm2", "right_lung_area_px", "left_lung_area_px", "n_lung_components"]
     for name in class_names[1:]:
@@ -56,6 +55,36 @@ def area_cm2(area_px: int, spacing: Sequence[float] | None) -> float | None:
     return float(area_px) * float(spacing[0]) * float(spacing[1]) / 100.0
 
 
+def _lung_components(lungs: np.ndarray) -> tuple[np.ndarray, int, int, np.ndarray, np.ndarray]:
+    """Connected components (8-connectivity, OpenCV: 3x faster than SciPy on a 5-megapixel mask) of a lung
+    mask and the side each goes to (see :func:`split_lungs`).
+
+    Returns:
+        (component labels, number of components, first column right of the midline, the pixels of each
+        component (index 0: background) on the image left and on the image right).
+    """
+    import cv2
+
+    lungs = np.ascontiguousarray(lungs, dtype=bool)
+    n, labels = cv2.connectedComponents(lungs.view(np.uint8), connectivity=8, ltype=cv2.CV_32S)
+    n -= 1  # OpenCV counts the background
+    if n <= 0:
+        return labels, 0, 0, np.zeros(1, np.int64), np.zeros(1, np.int64)
+    cols = np.nonzero(lungs.any(axis=0))[0]
+    midline = (cols[0] + cols[-1] + 1) / 2.0 if n >= 2 else lungs.shape[1] / 2.0
+    split = int(np.ceil(midline))  # columns < midline are the image left
+    on_left = np.bincount(labels[:, :split].ravel(), minlength=n + 1)
+    on_right = np.bincount(labels[:, split:].ravel(), minlength=n + 1)
+    return labels, n, split, on_left, on_right
+
+
+def _sides(on_left: np.ndarray, on_right: np.ndarray) -> np.ndarray:
+    """Per component (from 1): "R" whole to the patient's right (image left), "L" whole to the left, or
+    "cut" at the midline (at least a quarter on each side)."""
+    share_left = on_left[1:] / np.maximum(on_left[1:] + on_right[1:], 1)
+    return np.where((share_left >= 0.25) & (share_left <= 0.75), "cut", np.where(share_left > 0.75, "R", "L"))
+
+
 def split_lungs(lungs: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
     """Split a lung mask into the patient's right lung (image left) and left lung (image right).
 
@@ -68,26 +97,26 @@ def split_lungs(lungs: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
     Returns:
         (right lung mask, left lung mask, number of components).
     """
-    lungs = np.asarray(lungs, dtype=bool)
-    labels, n = ndimage.label(lungs, structure=np.ones((3, 3), dtype=bool))
-    right, left = np.zeros_like(lungs), np.zeros_like(lungs)
-    if n == 0:
-        return right, left, 0
-    cols = np.nonzero(lungs.any(axis=0))[0]
-    midline = (cols[0] + cols[-1] + 1) / 2.0 if n >= 2 else lungs.shape[1] / 2.0
-    column_index = np.arange(lungs.shape[1])[None, :]
-    image_left = np.broadcast_to(column_index < midline, lungs.shape)
-    for component in range(1, n + 1):
+    labels, n, split, on_left, on_right = _lung_components(lungs)
+    right, left = np.zeros(labels.shape, bool), np.zeros(labels.shape, bool)
+    for component, side in enumerate(_sides(on_left, on_right), start=1):
         mask = labels == component
-        share_left = np.count_nonzero(mask & image_left) / np.count_nonzero(mask)
-        if 0.25 <= share_left <= 0.75:
-            right |= mask & image_left
-            left |= mask & ~image_left
-        elif share_left > 0.75:
-            right |= mask
+        if side == "cut":
+            right[:, :split] |= mask[:, :split]
+            left[:, split:] |= mask[:, split:]
         else:
-            left |= mask
+            (right if side == "R" else left)[mask] = True
     return right, left, n
+
+
+def lung_side_areas(lungs: np.ndarray) -> tuple[int, int, int]:
+    """The pixels of :func:`split_lungs`' right and left lung and the number of components, counted
+    without drawing the two masks."""
+    _, n, _, on_left, on_right = _lung_components(lungs)
+    sides = _sides(on_left, on_right)
+    right = on_left[1:][sides != "L"].sum() + on_right[1:][sides == "R"].sum()
+    left = on_right[1:][sides != "R"].sum() + on_left[1:][sides == "L"].sum()
+    return int(right), int(left), n
 
 
 def has_ctr(class_names: Sequence[str]) -> bool:
@@ -144,13 +173,13 @@ def measure(masks: np.ndarray, class_names: Sequence[str], spacing: Sequence[flo
     lungs = heart = None
     if LUNGS in class_names:
         lungs = masks[class_names.index(LUNGS) - 1]
-        right, left, n = split_lungs(lungs)
+        right, left, n = lung_side_areas(lungs)
         area = int(np.count_nonzero(lungs))
         out.update(
             lung_area_px=area,
             lung_area_cm2=area_cm2(area, spacing),
-            right_lung_area_px=int(np.count_nonzero(right)),
-            left_lung_area_px=int(np.count_nonzero(left)),
+            right_lung_area_px=right,
+            left_lung_area_px=left,
             n_lung_components=n,
         )
     for index, name in enumerate(class_names):

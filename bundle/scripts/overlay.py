@@ -44,7 +44,8 @@ def make_overlay(
     outer borders, drawn below the heart).
 
     Args:
-        image: the radiograph at native size (any range).
+        image: the radiograph: an 8-bit display copy (used as it is), or any range (stretched by
+            :func:`display_image`).
         masks: binary masks ``(S, H, W)`` of ``class_names[1:]`` at the same size (they may overlap).
         legend: lines of the legend band, each ``(text, RGB colour or None)``; a colour draws a swatch.
         min_width: images narrower than this are enlarged by an integer factor, so that outlines
@@ -54,7 +55,7 @@ def make_overlay(
     """
     import cv2
 
-    grey = display_image(image)
+    grey = image if np.asarray(image).dtype == np.uint8 else display_image(image)
     masks = [np.asarray(m, dtype=np.uint8) for m in masks]
     width, height = grey.shape[1], grey.shape[0]
     if width < min_width:
@@ -106,6 +107,32 @@ def make_overlay(
             x += swatch + pad
         cv2.putText(band, text, (x, y + swatch - 2), font, scale, (235, 235, 235), weight, cv2.LINE_AA)
     return np.concatenate([picture, band], axis=0)
+
+
+def render_overlay(
+    display: np.ndarray,
+    fields: np.ndarray,
+    rule: str,
+    class_names: Sequence[str],
+    legend: Sequence[tuple],
+    min_width: int = 512,
+) -> np.ndarray:
+    """The overlay of one study from its 8-bit display copy and the decision fields of post-processing.
+
+    The masks are decided at the overlay's own size from the fields (see
+    :func:`scripts.postprocessing.decide_at_size`), so nothing at the native size is resized or redrawn;
+    a display copy narrower than ``min_width`` is enlarged by an integer factor first.
+    """
+    import cv2
+
+    from .postprocessing import decide_at_size
+
+    rows, columns = display.shape
+    if columns < min_width:
+        factor = math.ceil(min_width / columns)
+        display = cv2.resize(display, (columns * factor, rows * factor), interpolation=cv2.INTER_LINEAR)
+    masks = decide_at_size(fields, rule, display.shape)
+    return make_overlay(display, masks, class_names, legend, min_width=min_width)
 
 
 def _draw_ctr_calipers(picture: np.ndarray, heart: np.ndarray, lungs: np.ndarray, heart_colour: Sequence[int],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import glob
 import json
 import logging
 import math
@@ -14,16 +15,17 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 import torch
 
-from .files import atomic_write, save_png
+from .files import atomic_write, save_jpeg, save_png
 from .inputs import describe_error
-from .io import is_dicom, read_radiograph
+from .io import is_dicom
 from .measures import csv_columns, measure
-from .overlay import legend_lines, make_overlay
+from .overlay import legend_lines, render_overlay
 from .postprocessing import output_mode, structures_from_labels
 
 logger = logging.getLogger("cxr_segmentation.inference")
 
 RESULTS_CSV = "results.csv"
+OVERLAY_FORMATS = ("jpg", "png")
 
 
 def _format_number(value, digits: int = 3) -> str:
@@ -46,25 +48,33 @@ class SegmentationWriter:
     """Ignite handler of the inference evaluator: writes every item's outputs and ``results.csv``.
 
     Per item (after post-processing), under ``output_dir`` with the input's relative folder:
-    ``<name>_seg.png`` (uint8 label map at native size), ``<name>_overlay.png`` (if ``write_overlay``)
-    and, for DICOM inputs, ``<name>_seg.dcm`` (if ``write_dicom_seg``). Status ``ok`` means that all
-    of them were written; any failure (reading, post-processing, writing) makes the row ``failed``
-    with the reason, and a WARNING log line naming the file. Rows are appended to
-    ``results.csv.partial`` as they come and moved to ``results.csv`` when the run ends (also when it
-    ends with an exception), so ``results.csv`` is never half written.
+    ``<name>_seg.png`` (uint8 label map at native size), ``<name>_overlay.jpg`` (or ``.png``; if
+    ``write_overlay``) and, for DICOM inputs, ``<name>_seg.dcm`` (if ``write_dicom_seg``). Status ``ok``
+    means that the mask and the measures were written. A failure to read, post-process or write the mask
+    makes the row ``failed`` with the reason; an optional output (overlay, SEG) that fails leaves the row
+    ``ok`` and says what was not written and why in ``warnings``. Either way a WARNING log line names the
+    file. Rows are appended to ``results.csv.partial`` as they come and moved to ``results.csv`` when the
+    run ends (also when it ends with an exception), so ``results.csv`` is never half written.
 
     The files are written by ``write_threads`` threads while the network runs on the next batch (the
     image codecs release the GIL); rows still go to ``results.csv`` in input order. ``write_threads``
     0 writes in the evaluator's thread.
 
+    Sharded runs (torchrun, configs/multi_gpu_inference.yaml): rank ``r`` of ``world_size`` segments its
+    share of the inputs and appends to ``results.rank<r>.csv.partial``; at the end rank 0 waits for the
+    others and merges every rank's rows (and those of an earlier run, when resuming) into one
+    ``results.csv`` in input order.
+
     Args:
         output_dir: the output folder.
         class_names: names of the class indices (``len(class_names)`` must be the network's outputs).
         num_classes: the network's output channels, checked against ``class_names``.
-        input_dir: the input folder, for the summary line.
+        input_dir: the input folder, for messages.
         write_overlay, write_dicom_seg: which optional outputs to write.
+        overlay_format: ``jpg`` (quality 90, no chroma subsampling) or ``png``.
         metadata_file: the bundle's metadata.json; its version goes into the DICOM SEGs.
         write_threads: threads writing the files (0: none, write in the evaluator's thread).
+        rank, world_size: this process's place in a sharded run (torch.distributed initialised when > 1).
     """
 
     max_pending = 32  # items handed to the threads and not yet written: bounds the memory held
@@ -77,15 +87,21 @@ class SegmentationWriter:
         input_dir: str | None = None,
         write_overlay: bool = True,
         write_dicom_seg: bool = True,
+        overlay_format: str = "jpg",
         metadata_file: str | None = None,
         write_threads: int = 2,
+        rank: int = 0,
+        world_size: int = 1,
     ):
         self.class_names = [str(c) for c in class_names]
         if num_classes is not None:
             output_mode(int(num_classes), self.class_names)  # raises when they do not fit
+        if str(overlay_format).lower() not in OVERLAY_FORMATS:
+            raise ValueError(f"overlay_format must be one of {OVERLAY_FORMATS}, got {overlay_format!r}")
         self.output_dir = os.path.abspath(str(output_dir))
         self.input_dir = input_dir
         self.write_overlay = write_overlay
+        self.overlay_format = str(overlay_format).lower()
         self.write_dicom_seg = write_dicom_seg
         if write_dicom_seg:
             try:
@@ -96,7 +112,8 @@ class SegmentationWriter:
                 self.write_dicom_seg = False
         self.version = _bundle_version(metadata_file)
         self.columns = csv_columns(self.class_names)
-        self.n_ok = self.n_failed = 0
+        self.rank, self.world_size = int(rank), int(world_size)
+        self.n_ok = self.n_failed = self.n_warned = 0
         self.failed: list[tuple[str, str]] = []
         self._csv = None
         self.write_threads = int(write_threads)
@@ -104,25 +121,44 @@ class SegmentationWriter:
         self._pending: deque[Future] = deque()
         self.carried: list[dict] = []  # results.csv rows of an earlier run in output_dir (resume)
 
+    # -- sharding ----------------------------------------------------------------------------------
+    def shard(self, datalist: Sequence[dict]) -> list[dict]:
+        """This rank's share of the (sorted) inputs: every ``world_size``-th one from ``rank`` on."""
+        return list(datalist[self.rank::self.world_size])
+
+    def _barrier(self) -> None:
+        if self.world_size > 1:
+            torch.distributed.barrier()
+
+    @property
+    def _partial_name(self) -> str:
+        return RESULTS_CSV + ".partial" if self.world_size == 1 else f"results.rank{self.rank}.csv.partial"
+
+    def _partial_files(self) -> list[str]:
+        """Rows of unfinished runs: results.csv.partial and every rank's results.rank<r>.csv.partial."""
+        return sorted(glob.glob(os.path.join(glob.escape(self.output_dir), "results*.csv.partial")))
+
     # -- resuming an interrupted run ---------------------------------------------------------------
-    def _expected_files(self, record: Mapping) -> list[str]:
+    def _expected_files(self, record: Mapping, warnings: str = "") -> list[str]:
+        """The output files of a finished input, less the optional ones its row says were not written."""
         base = os.path.join(self.output_dir, str(record["name"]))
         files = [base + "_seg.png"]
-        if self.write_overlay:
-            files.append(base + "_overlay.png")
-        if self.write_dicom_seg and is_dicom(record["image"]):
+        if self.write_overlay and "overlay not written" not in warnings:
+            files.append(base + "_overlay." + self.overlay_format)
+        if self.write_dicom_seg and is_dicom(record["image"]) and "DICOM SEG not written" not in warnings:
             files.append(base + "_seg.dcm")
         return files
 
     def still_to_do(self, datalist: Sequence[dict]) -> list[dict]:
         """The inputs an earlier run into ``output_dir`` has not finished; keeps the others' rows for results.csv.
 
-        An input counts as done when the earlier ``results.csv`` (or the ``results.csv.partial`` of a run that
-        was killed) has an ``ok`` row for it and all its output files exist. Failed inputs are tried again.
+        An input counts as done when the earlier ``results.csv`` (or the ``.partial`` files of a run that
+        was killed, sharded or not) has an ``ok`` row for it and its output files exist. Failed inputs are
+        tried again.
         """
         previous: dict[str, dict] = {}
-        for name in (RESULTS_CSV, RESULTS_CSV + ".partial"):  # the partial file of a killed run is the newer
-            path = os.path.join(self.output_dir, name)
+        results = os.path.join(self.output_dir, RESULTS_CSV)
+        for path in [results] + self._partial_files():  # the partial files of a killed run are the newer
             if os.path.isfile(path):
                 with open(path, newline="") as f:
                     reader = csv.DictReader(f)
@@ -133,7 +169,8 @@ class SegmentationWriter:
         self.carried, to_do = [], []
         for record in datalist:
             row = previous.get(str(record["rel"]))
-            if row and row["status"] == "ok" and all(os.path.isfile(f) for f in self._expected_files(record)):
+            if row and row["status"] == "ok" and all(
+                    os.path.isfile(f) for f in self._expected_files(record, row.get("warnings", ""))):
                 self.carried.append(row)
             else:
                 to_do.append(record)
@@ -142,17 +179,17 @@ class SegmentationWriter:
         return to_do
 
     def write_carried_only(self) -> None:
-        """Finish a resumed run that has nothing left to do: results.csv from the earlier rows."""
+        """Finish a run that has nothing left to do here: results.csv from the earlier rows (and other ranks')."""
         self.started(None)
         self.completed(None)
 
     # -- run checks --------------------------------------------------------------------------------
-    def check_ready(self, datalist: Sequence[dict], ckpt_path: str) -> None:
-        """Stop with a clear error before the run when there is nothing to do or no model."""
+    def check_ready(self, inputs: Sequence[dict], ckpt_path: str) -> None:
+        """Stop with a clear error before the run when there is no input at all or no model."""
         if not os.path.isfile(ckpt_path):
             raise FileNotFoundError(f"inference: no model weights at {ckpt_path} (set --ckpt_path, or --model_file "
                                     f"for a file in the bundle's models/ folder)")
-        if not datalist and not self.carried:
+        if not inputs:
             raise FileNotFoundError(f"inference: no radiograph (PNG/JPEG/TIFF/BMP, DICOM, NIfTI) found in "
                                     f"{self.input_dir!s}")
 
@@ -174,15 +211,18 @@ class SegmentationWriter:
         engine.add_event_handler(Events.EXCEPTION_RAISED, self.exception_raised)
 
     def started(self, engine) -> None:
+        # every rank has read the earlier rows (still_to_do) before any rank starts its partial file anew
+        self._barrier()
         os.makedirs(self.output_dir, exist_ok=True)
-        self.n_ok = self.n_failed = 0
+        self.n_ok = self.n_failed = self.n_warned = 0
         self.failed = []
         self._close_csv()
-        self._csv = open(os.path.join(self.output_dir, RESULTS_CSV + ".partial"), "w", newline="")
+        self._csv = open(os.path.join(self.output_dir, self._partial_name), "w", newline="")
         self._writer = csv.DictWriter(self._csv, fieldnames=self.columns, extrasaction="ignore")
         self._writer.writeheader()
-        self._writer.writerows(self.carried)
-        self.n_ok = len(self.carried)
+        if self.rank == 0:
+            self._writer.writerows(self.carried)
+            self.n_ok = len(self.carried)
         if self.write_threads > 0:
             self._pool = ThreadPoolExecutor(self.write_threads, thread_name_prefix="cxr-writer")
 
@@ -205,7 +245,7 @@ class SegmentationWriter:
 
     def exception_raised(self, engine, e: Exception) -> None:
         logger.error(f"inference: stopped by {type(e).__name__}: {e}")
-        self._finish()
+        self._finish(merge=False)  # a sharded run's other ranks are not waited for: rows stay in .partial files
         raise e
 
     # -- one item ----------------------------------------------------------------------------------
@@ -223,14 +263,17 @@ class SegmentationWriter:
         return row
 
     def _record(self, item: Mapping, row: dict) -> None:
-        """Count the item, log it when it failed and append its row to results.csv (evaluator's thread only)."""
+        """Count the item, log it when it failed or lost an output, append its row (evaluator's thread only)."""
+        path = str(item["path"])
         if row["status"] == "failed":
-            path = str(item["path"])
             self.n_failed += 1
             self.failed.append((path, row["error"]))
             logger.warning(f"inference: failed {path}: {row['error']}")
         else:
             self.n_ok += 1
+            if row.get("warnings"):
+                self.n_warned += 1
+                logger.warning(f"inference: {path}: {row['warnings']}")
         self._writer.writerow({k: _format_number(v) if not isinstance(v, str) else v for k, v in row.items()})
 
     def _collect(self, keep: int) -> None:
@@ -239,13 +282,14 @@ class SegmentationWriter:
             self._record(*self._pending.popleft().result())
 
     def _write_outputs(self, item: Mapping, out: Mapping) -> dict:
+        """The mask and the measures (a failure raises), then the optional outputs (a failure is a warning)."""
         labels = torch.as_tensor(out["pred"]).detach().cpu().numpy()
-        labels = labels.reshape(labels.shape[-2:]).astype(np.uint8)
+        labels = labels.reshape(labels.shape[-2:]).astype(np.uint8, copy=False)
         rows, columns = int(item["rows"]), int(item["columns"])
         if labels.shape != (rows, columns):
             raise ValueError(f"label map {labels.shape} is not the native size {(rows, columns)}")
         if out.get("structures") is not None:
-            masks = torch.as_tensor(out["structures"]).detach().cpu().numpy().astype(np.uint8)
+            masks = torch.as_tensor(out["structures"]).detach().cpu().numpy().astype(np.uint8, copy=False)
         else:
             masks = structures_from_labels(labels, len(self.class_names))
         spacing_values = [float(s) for s in torch.as_tensor(item["spacing"]).reshape(-1).tolist()]
@@ -253,15 +297,20 @@ class SegmentationWriter:
         measures = measure(masks, self.class_names, spacing)
         base = os.path.join(self.output_dir, str(item["name"]))
         save_png(labels, base + "_seg.png")
+        warnings = []
         if self.write_overlay:
-            image, _ = read_radiograph(str(item["path"]))
-            save_png(make_overlay(image, masks, self.class_names, legend_lines(self.class_names, measures)),
-                     base + "_overlay.png")
+            try:
+                self._write_overlay(item, out, measures, base + "_overlay." + self.overlay_format)
+            except Exception as e:  # noqa: BLE001 - an optional output: the study keeps its mask and row
+                warnings.append(f"overlay not written: {describe_error(e)}")
         if self.write_dicom_seg and str(item.get("format")) == "dicom":
-            from .dicom_seg import make_dicom_seg
+            try:
+                from .dicom_seg import make_dicom_seg
 
-            seg = make_dicom_seg(str(item["path"]), masks, self.class_names, self.version)
-            atomic_write(base + "_seg.dcm", lambda tmp: seg.save_as(tmp, enforce_file_format=True))
+                seg = make_dicom_seg(str(item["path"]), masks, self.class_names, self.version)
+                atomic_write(base + "_seg.dcm", lambda tmp: seg.save_as(tmp, enforce_file_format=True))
+            except Exception as e:  # noqa: BLE001 - as above
+                warnings.append(f"DICOM SEG not written: {describe_error(e)}")
         if spacing is None:
             spacing_text = ""
         elif abs(spacing[0] - spacing[1]) < 1e-6:
@@ -269,14 +318,26 @@ class SegmentationWriter:
         else:
             spacing_text = f"{spacing[0]:.4g}x{spacing[1]:.4g}"
         measures["qc_flags"] = ";".join(measures["qc_flags"])
-        return {"rows": rows, "columns": columns, "spacing_mm": spacing_text, **measures}
+        return {"rows": rows, "columns": columns, "spacing_mm": spacing_text, "warnings": "; ".join(warnings),
+                **measures}
+
+    def _write_overlay(self, item: Mapping, out: Mapping, measures: dict, path: str) -> None:
+        """The overlay, drawn on the display copy that came with the item (the file is not read again)."""
+        if "display" not in item or "fields" not in out:
+            raise ValueError("no display copy or decision fields (inference.yaml's DisplayCopyd and "
+                             "DecideAtNetworkSized make them)")
+        shown = (int(item["display_rows"]), int(item["display_columns"]))
+        display = torch.as_tensor(item["display"])[: shown[0], : shown[1]].numpy()
+        picture = render_overlay(display, out["fields"], out["rule"], self.class_names,
+                                 legend_lines(self.class_names, measures))
+        (save_jpeg if self.overlay_format == "jpg" else save_png)(picture, path)
 
     # -- results.csv -------------------------------------------------------------------------------
     def _close_csv(self) -> None:
         if self._csv is not None and not self._csv.closed:
             self._csv.close()
 
-    def _finish(self) -> None:
+    def _finish(self, merge: bool = True) -> None:
         if self._csv is None:
             return
         self._collect(keep=0)
@@ -284,17 +345,41 @@ class SegmentationWriter:
             self._pool.shutdown()
             self._pool = None
         self._close_csv()
-        if self.carried:  # earlier rows came first: back to input order (sorted paths)
-            with open(self._csv.name, newline="") as f:
-                rows = sorted(csv.DictReader(f), key=lambda row: row["path"])
-            with open(self._csv.name, "w", newline="") as f:
+        earlier = f" ({len(self.carried)} by an earlier run)" if self.carried and self.rank == 0 else ""
+        shard = f"rank {self.rank} of {self.world_size}: " if self.world_size > 1 else ""
+        warned = f" ({self.n_warned} without an optional output)" if self.n_warned else ""
+        logger.info(f"inference: {shard}{self.n_ok} succeeded{earlier}{warned}, {self.n_failed} failed "
+                    f"-> {self.output_dir}")
+        partial, self._csv = self._csv.name, None
+        if self.world_size == 1 and not self.carried:
+            os.replace(partial, os.path.join(self.output_dir, RESULTS_CSV))
+        elif self.world_size == 1 or merge:
+            self._barrier()  # every rank's rows are in its partial file
+            if self.rank == 0:
+                self._merge([partial] if self.world_size == 1 else [
+                    os.path.join(self.output_dir, f"results.rank{r}.csv.partial") for r in range(self.world_size)])
+            self._barrier()  # no rank leaves before results.csv is there
+        else:
+            return  # a sharded run that failed: its rows stay in the .partial files for --resume
+        if self.rank == 0:  # left by killed runs: their rows are in results.csv now (rank 0 carried them)
+            for stale in self._partial_files():
+                os.remove(stale)
+
+    def _merge(self, partials: Sequence[str]) -> None:
+        """One results.csv, in input order (sorted paths), from the partial files."""
+        rows = []
+        for path in partials:
+            with open(path, newline="") as f:
+                rows += list(csv.DictReader(f))
+        rows.sort(key=lambda row: row["path"])
+
+        def write(tmp: str) -> None:
+            with open(tmp, "w", newline="") as f:
                 writer = csv.DictWriter(f, fieldnames=self.columns)
                 writer.writeheader()
                 writer.writerows(rows)
-        os.replace(self._csv.name, os.path.join(self.output_dir, RESULTS_CSV))
-        self._csv = None
-        earlier = f" ({len(self.carried)} by an earlier run)" if self.carried else ""
-        logger.info(f"inference: {self.n_ok} succeeded{earlier}, {self.n_failed} failed -> {self.output_dir}")
+
+        atomic_write(os.path.join(self.output_dir, RESULTS_CSV), write)
 
 
 class ImageProgressBar:
