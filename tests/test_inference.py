@@ -624,3 +624,57 @@ def test_unet_levels_set_in_one_place_reach_training_and_inference(tmp_path, mon
     wf.finalize()
     mask = _mask(tmp_path / "out" / f"{image.stem}_seg.png")
     assert mask.shape == np.asarray(Image.open(image)).shape[:2]
+
+
+def test_dicom_exports_keep_every_study_and_their_segs_read_back(tmp_path, montgomery):
+    """Archive exports: de-identified DX and CR (type-2 attributes absent), MONOCHROME1, 12-bit with a
+    modality LUT, lossless RLE / JPEG 2000 / JPEG-LS. Every study is `ok` with its mask; every SEG reads
+    back with highdicom's segread and gives the mask; a SEG that cannot be made (here: the source lacks
+    the type-1 SeriesInstanceUID) costs the study nothing but a warning, and --resume does not redo it."""
+    import highdicom as hd
+    import pydicom
+
+    pixels = np.asarray(Image.open(sorted((montgomery / "images").glob("*.png"))[3])).astype(np.uint16) * 16
+    root = tmp_path / "in"
+    root.mkdir()
+    common = dict(bits_stored=12, rescale=(0.5, -100.0), deidentified=True)
+    write_dicom(root / "dx.dcm", pixels, **common)
+    write_dicom(root / "cr_mono1.dcm", 4095 - pixels, monochrome1=True, sop_class="CR", **common)
+    for compress in ("rle", "j2k", "jpegls"):
+        write_dicom(root / f"{compress}.dcm", pixels, compress=compress, **common)
+    ds = write_dicom(root / "no_series.dcm", pixels, **common)
+    del ds.SeriesInstanceUID
+    ds.save_as(root / "no_series.dcm", enforce_file_format=True)
+    weights = _weights(tmp_path / "w.pt")
+    wf = _workflow(tmp_path, input_dir=str(root), ckpt_path=str(weights), spatial_size=[64, 64], batch_size=4)
+    wf.initialize()
+    wf.run()
+    wf.finalize()
+    out = tmp_path / "out"
+    rows = _rows(out / "results.csv")
+    assert sorted(rows) == sorted(p.name for p in root.iterdir())
+    assert all(row["status"] == "ok" for row in rows.values()), rows
+    assert "DICOM SEG not written" in rows["no_series.dcm"]["warnings"]
+    assert "SeriesInstanceUID" in rows["no_series.dcm"]["warnings"]
+    assert rows["no_series.dcm"]["lung_area_px"] and (out / "no_series_seg.png").is_file()
+    assert (out / "no_series_overlay.jpg").is_file() and not (out / "no_series_seg.dcm").exists()
+    reference = _mask(out / "dx_seg.png")
+    assert set(np.unique(reference)) == {0, 1}
+    for name in ("dx", "cr_mono1", "rle", "j2k", "jpegls"):
+        assert rows[f"{name}.dcm"]["warnings"] == ""
+        mask = _mask(out / f"{name}_seg.png")
+        np.testing.assert_array_equal(mask, reference, err_msg=name)  # same pixels: the same mask
+        source = pydicom.dcmread(root / f"{name}.dcm", stop_before_pixels=True)
+        seg = hd.seg.segread(out / f"{name}_seg.dcm")
+        frames = seg.get_pixels_by_source_instance([source.SOPInstanceUID], segment_numbers=[1],
+                                                   combine_segments=False)
+        np.testing.assert_array_equal(frames[0, ..., 0], mask, err_msg=name)
+
+    # resuming: nothing to redo (the missing SEG is named in warnings, so the study counts as done)
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("*_seg.png")}
+    wf = _workflow(tmp_path, input_dir=str(root), ckpt_path=str(weights), spatial_size=[64, 64], resume=True)
+    wf.initialize()
+    wf.run()
+    wf.finalize()
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*_seg.png")} == stamps
+    assert _rows(out / "results.csv") == rows
