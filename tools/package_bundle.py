@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Package the bundle as a MONAI Model Zoo style archive: ``dist/<name>_v<version>.zip``.
 
-    python tools/package_bundle.py                  # bundle/ -> dist/cxr_segmentation_v0.3.3.zip
+    python tools/package_bundle.py                  # bundle/ -> dist/cxr_segmentation_v0.4.0.zip
 
 The archive holds one top folder, ``<name>/`` (what ``python -m monai.bundle download --name <name>``
 expects), and is byte-for-byte reproducible: entries sorted, every timestamp 2022-05-30 00:00 (the zoo
