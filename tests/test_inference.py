@@ -86,7 +86,7 @@ def test_measures_areas_sides_spacing_and_ctr():
     assert csv_columns(names) == [
         "path", "status", "error", "warnings", "rows", "columns", "spacing_mm", "lung_area_px", "lung_area_cm2",
         "right_lung_area_px", "left_lung_area_px", "n_lung_components", "heart_area_px", "heart_area_cm2",
-        "clavicles_area_px", "clavicles_area_cm2", "cardiothoracic_ratio", "qc_flags"]
+        "clavicles_area_px", "clavicles_area_cm2", "cardiothoracic_ratio", "qc_score", "qc_flags"]
     assert "heart_area_px" not in csv_columns(["background", "lungs"])
 
     no_spacing = measure(labels, ["background", "lungs"], spacing=None)
@@ -280,7 +280,7 @@ def test_config_has_zoo_inference_properties_and_overrides(tmp_path):
     assert parser.get_parsed_content("network_def").out_channels == 4
     assert parser.get_parsed_content("ckpt_path") == str(BUNDLE) + "/models/m.pt"
     assert parser.get_parsed_content("dataset_dir") == str(tmp_path)
-    assert parser.get_parsed_content("writer").columns[-2:] == ["cardiothoracic_ratio", "qc_flags"]
+    assert parser.get_parsed_content("writer").columns[-3:] == ["cardiothoracic_ratio", "qc_score", "qc_flags"]
     assert str(BUNDLE) in sys.path[:2]
 
     merged = _workflow(tmp_path, config_file=[INFER, str(BUNDLE / "configs" / "invertednet.yaml")],

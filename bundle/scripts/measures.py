@@ -44,7 +44,7 @@ def csv_columns(class_names: Sequence[str]) -> list[str]:
             columns += [f"{name}_area_px", f"{name}_area_cm2"]
     if LUNGS in class_names and HEART in class_names:
         columns.append("cardiothoracic_ratio")
-    columns.append("qc_flags")
+    columns += ["qc_score", "qc_flags"]
     return columns
 
 

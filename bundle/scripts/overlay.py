@@ -172,6 +172,8 @@ def legend_lines(class_names: Sequence[str], measures: dict) -> list[tuple]:
         ctr = measures["cardiothoracic_ratio"]
         lines.append((f"cardiothoracic ratio {ctr:.2f} (calipers: heart width / thorax width)", None))
     if measures.get("qc_flags"):
-        lines.append(("QC: " + ", ".join(measures["qc_flags"]), None))
+        score = measures.get("qc_score")
+        label = f"QC {score:.2f}, flagged: " if score is not None else "QC, flagged: "
+        lines.append((label + ", ".join(measures["qc_flags"]), (255, 80, 80)))  # a red swatch
     lines.append(("automatic segmentation, research use only", None))
     return lines

@@ -21,6 +21,7 @@ from .io import is_dicom
 from .measures import csv_columns, measure
 from .overlay import legend_lines, render_overlay
 from .postprocessing import output_mode, structures_from_labels
+from .qc import NOT_MEASURABLE, qc_score
 
 logger = logging.getLogger("cxr_segmentation.inference")
 
@@ -295,6 +296,10 @@ class SegmentationWriter:
         spacing_values = [float(s) for s in torch.as_tensor(item["spacing"]).reshape(-1).tolist()]
         spacing = None if any(math.isnan(s) for s in spacing_values) else spacing_values
         measures = measure(masks, self.class_names, spacing)
+        flags = list(out.get("qc_model_flags") or []) + measures["qc_flags"]
+        if measures.get("cardiothoracic_ratio") is not None and any(f in NOT_MEASURABLE for f in flags):
+            measures["cardiothoracic_ratio"] = None  # a CTR of something that is not a plausible chest is no CTR
+        measures.update(qc_score=qc_score(out.get("qc_ratios") or {}, flags), qc_flags=flags)
         base = os.path.join(self.output_dir, str(item["name"]))
         save_png(labels, base + "_seg.png")
         warnings = []
