@@ -84,7 +84,7 @@ def test_measures_areas_sides_spacing_and_ctr():
     assert m["cardiothoracic_ratio"] == pytest.approx(40 / 100)  # heart 40 px / thorax columns 10..109
     assert m["qc_flags"] == []
     assert csv_columns(names) == [
-        "path", "status", "error", "warnings", "rows", "columns", "spacing_mm", "lung_area_px", "lung_area_cm2",
+        "path", "status", "error", "warnings", "mask", "rows", "columns", "spacing_mm", "lung_area_px", "lung_area_cm2",
         "right_lung_area_px", "left_lung_area_px", "n_lung_components", "heart_area_px", "heart_area_cm2",
         "clavicles_area_px", "clavicles_area_cm2", "cardiothoracic_ratio", "qc_score", "qc_flags"]
     assert "heart_area_px" not in csv_columns(["background", "lungs"])
@@ -426,7 +426,7 @@ def test_anatomy_model_dicom_seg_segments_and_fail_on_error(tmp_path, montgomery
     out = tmp_path / "out"
     with open(out / "results.csv", newline="") as f:
         header = next(csv.reader(f))
-    assert header[:7] == ["path", "status", "error", "warnings", "rows", "columns", "spacing_mm"]
+    assert header[:8] == ["path", "status", "error", "warnings", "mask", "rows", "columns", "spacing_mm"]
     assert {"heart_area_px", "heart_area_cm2", "clavicles_area_px", "cardiothoracic_ratio", "qc_flags"} <= set(header)
     rows = _rows(out / "results.csv")
     assert rows["c.png"]["status"] == "failed" and "empty" in rows["c.png"]["error"]

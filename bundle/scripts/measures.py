@@ -36,7 +36,7 @@ LUNGS, HEART = "lungs", "heart"
 
 def csv_columns(class_names: Sequence[str]) -> list[str]:
     """The header of results.csv for a model with these classes (heart columns only with a heart class)."""
-    columns = ["path", "status", "error", "warnings", "rows", "columns", "spacing_mm"]
+    columns = ["path", "status", "error", "warnings", "mask", "rows", "columns", "spacing_mm"]
     if LUNGS in class_names:
         columns += ["lung_area_px", "lung_area_cm2", "right_lung_area_px", "left_lung_area_px", "n_lung_components"]
     for name in class_names[1:]:

@@ -22,6 +22,7 @@ from .measures import csv_columns, measure
 from .overlay import legend_lines, render_overlay
 from .postprocessing import output_mode, structures_from_labels
 from .qc import NOT_MEASURABLE, qc_score
+from .report import write_report
 
 logger = logging.getLogger("cxr_segmentation.inference")
 
@@ -324,7 +325,7 @@ class SegmentationWriter:
             spacing_text = f"{spacing[0]:.4g}x{spacing[1]:.4g}"
         measures["qc_flags"] = ";".join(measures["qc_flags"])
         return {"rows": rows, "columns": columns, "spacing_mm": spacing_text, "warnings": "; ".join(warnings),
-                **measures}
+                "mask": os.path.relpath(base + "_seg.png", self.output_dir), **measures}
 
     def _write_overlay(self, item: Mapping, out: Mapping, measures: dict, path: str) -> None:
         """The overlay, drawn on the display copy that came with the item (the file is not read again)."""
@@ -369,6 +370,15 @@ class SegmentationWriter:
         if self.rank == 0:  # left by killed runs: their rows are in results.csv now (rank 0 carried them)
             for stale in self._partial_files():
                 os.remove(stale)
+            self._write_report()
+
+    def _write_report(self) -> None:
+        """OUT/report.html from results.csv (scripts/report.py); a failure is logged, results.csv stays."""
+        try:
+            path = write_report(self.output_dir, "_overlay." + self.overlay_format)
+            logger.info(f"inference: review page {path}")
+        except Exception as e:  # noqa: BLE001 - the page is an extra; the run's results are written
+            logger.warning(f"inference: the review page was not written: {describe_error(e)}")
 
     def _merge(self, partials: Sequence[str]) -> None:
         """One results.csv, in input order (sorted paths), from the partial files."""
