@@ -31,9 +31,11 @@ def test_train_config_has_zoo_properties_and_overrides_reach_the_transforms(tmp_
                    opacity_prob=0.4, opacity_radius=[0.1, 0.3])
     wf.initialize()
     assert not wf.check_properties()  # every required train property of MONAI's spec is present
-    assert torch.backends.cudnn.benchmark is False  # reproducible by default (cudnn_benchmark: false)
+    # reproducible by default (deterministic: true, cudnn_benchmark: false)
+    assert torch.backends.cudnn.benchmark is False and torch.backends.cudnn.deterministic is True
     parser = wf.parser
     assert parser.get_parsed_content("device").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert parser.get_parsed_content("cache_on_device") is torch.cuda.is_available()  # GPU-resident cache on CUDA
     resize = [t for t in parser.get_parsed_content("train#preprocessing").transforms if type(t).__name__ == "Resized"]
     assert tuple(resize[0].resizer.spatial_size) == (96, 64)
     opacity = [t for t in parser.get_parsed_content("train#preprocessing").transforms
@@ -74,8 +76,13 @@ def test_cli_trains_one_epoch_writes_checkpoint_and_events_then_resumes(tmp_path
     assert (ckpt / "model.pt").is_file() and (ckpt / "checkpoint_epoch=1.pt").is_file()
     assert {"train_loss", "val_mean_dice", "val_mean_iou"} <= _events(out)
 
-    # model.pt is a plain state dict that loads without executing code and fits the network
-    state = torch.load(ckpt / "model.pt", map_location="cpu", weights_only=True)
+    # model.pt is a plain state dict that loads without executing code and fits the network; both files hold
+    # CPU tensors only (on a GPU machine too), so they load anywhere without a map_location
+    for name in ("model.pt", "checkpoint_epoch=1.pt"):
+        tags = set()
+        torch.load(ckpt / name, map_location=lambda storage, tag: tags.add(tag) or storage, weights_only=True)
+        assert tags == {"cpu"}, (name, tags)
+    state = torch.load(ckpt / "model.pt", weights_only=True)
     from monai.networks.nets import UNet
 
     UNet(2, 1, 2, (16, 32, 64, 128, 256), (2, 2, 2, 2), num_res_units=2).load_state_dict(state)

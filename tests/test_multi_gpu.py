@@ -1,5 +1,9 @@
 """torchrun on the CPU (gloo): DistributedDataParallel training (real data, identical weights, one checkpoint)
-and sharded folder inference (the same outputs as one process, one results.csv, --resume after a kill)."""
+and sharded folder inference (the same outputs as one process, one results.csv, --resume after a kill).
+
+The training test asks for CPU processes (--device cpu, hence gloo) on every machine: on a GPU machine
+multi_gpu_train.yaml would otherwise give each rank its own GPU and NCCL, which a one-GPU machine cannot do
+for two ranks. bench/gpu_smoke.sh runs torchrun with NCCL on the GPUs."""
 
 import shutil
 import subprocess
@@ -31,13 +35,14 @@ def test_torchrun_two_cpu_processes_train_one_epoch(tmp_path, small_montgomery):
            "--meta_file", str(BUNDLE / "configs" / "metadata.json"),
            "--logging_file", str(BUNDLE / "configs" / "logging.conf"),
            "--dataset_dir", str(small_montgomery), "--output_dir", str(out), "--ckpt_dir", str(ckpt),
-           "--spatial_size", "[64,64]", "--batch_size", "2", "--max_epochs", "1", "--progress", "False"]
+           "--spatial_size", "[64,64]", "--batch_size", "2", "--max_epochs", "1", "--progress", "False",
+           "--device", "$torch.device('cpu')"]  # CPU processes over gloo, whatever GPUs the machine has
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
 
     # 6 training images, 2 per step per rank: 2 iterations on each rank, gradients averaged by DDP
-    w0 = torch.load(out / "weights_rank0.pt", weights_only=True)
-    w1 = torch.load(out / "weights_rank1.pt", weights_only=True)
+    w0 = torch.load(out / "weights_rank0.pt", map_location="cpu", weights_only=True)
+    w1 = torch.load(out / "weights_rank1.pt", map_location="cpu", weights_only=True)
     assert w0.keys() == w1.keys()
     assert all(torch.equal(w0[k], w1[k]) for k in w0)
 
@@ -59,6 +64,7 @@ def _infer(out: Path, inputs: Path, weights: Path, ranks: int = 1, *extra: str) 
     if ranks > 1:
         configs.append(str(BUNDLE / "configs" / "multi_gpu_inference.yaml"))
         launcher += ["-m", "torch.distributed.run", "--standalone", "--nnodes=1", f"--nproc_per_node={ranks}"]
+    extra = ("--device", "$torch.device('cpu')", *extra)  # CPU processes (gloo), also on a machine with GPUs
     cmd = launcher + ["-m", "monai.bundle", "run", "inference", "--bundle_root", str(BUNDLE),
                       "--config_file", str(configs), "--input_dir", str(inputs), "--output_dir", str(out),
                       "--ckpt_path", str(weights), "--spatial_size", "[64,64]", "--batch_size", "2",
