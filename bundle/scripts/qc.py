@@ -169,11 +169,14 @@ class QualityChecksd(MapTransform):
         if self.model is None:
             return d
         for key in self.key_iterator(d):
-            image = torch.as_tensor(d[key]).detach().float().cpu().numpy().reshape(d[key].shape[-2:])
-            fields = d["fields"]
-            masks = decide_at_size(fields, d["rule"], fields.shape[1:])
-            by_name = dict(zip(self.class_names[1:], masks))
-            d["qc_ratios"], d["qc_model_flags"] = self.model.check(image, by_name)
+            try:
+                image = torch.as_tensor(d[key]).detach().float().cpu().numpy().reshape(d[key].shape[-2:])
+                fields = d["fields"]
+                masks = decide_at_size(fields, d["rule"], fields.shape[1:])
+                d["qc_ratios"], d["qc_model_flags"] = self.model.check(image, dict(zip(self.class_names[1:], masks)))
+            except Exception as e:  # noqa: BLE001 - QC is a verdict on the study, never the reason it fails
+                logger.warning(f"inference: QC could not be computed for {d.get('path', 'an input')}: {e}")
+                d["qc_ratios"], d["qc_model_flags"] = {}, ["qc_not_computed"]
         return d
 
 
