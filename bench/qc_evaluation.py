@@ -1,6 +1,6 @@
 """How well inference's quality control tells frontal chest radiographs from everything else.
 
-    python bench/qc_evaluation.py
+    python bench/qc_evaluation.py          # pip install -e ".[bench]" first (scikit-image)
 
 Real frontal radiographs: the validation split (train.yaml's: seed 0, fold 0, 20 %) of each shared data
 set. Inputs that are not frontal chest radiographs, built deterministically in a temporary folder

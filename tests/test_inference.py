@@ -273,13 +273,13 @@ def test_preprocessing_is_the_image_part_of_train_yaml(jsrt_scr):
 
 
 def test_config_has_zoo_inference_properties_and_overrides(tmp_path):
-    wf = _workflow(tmp_path, input_dir=str(tmp_path), num_classes=4, class_names=ANATOMY, model_file="m.pt")
+    wf = _workflow(tmp_path, dataset_dir=str(tmp_path), num_classes=4, class_names=ANATOMY, model_file="m.pt")
     wf.initialize()
     assert not wf.check_properties()
     parser = wf.parser
     assert parser.get_parsed_content("network_def").out_channels == 4
     assert parser.get_parsed_content("ckpt_path") == str(BUNDLE) + "/models/m.pt"
-    assert parser.get_parsed_content("dataset_dir") == str(tmp_path)
+    assert parser.get_parsed_content("input_dir") == str(tmp_path)  # the alias reads the zoo's dataset_dir
     assert parser.get_parsed_content("writer").columns[-3:] == ["cardiothoracic_ratio", "qc_score", "qc_flags"]
     assert str(BUNDLE) in sys.path[:2]
 
@@ -303,7 +303,7 @@ def test_anatomy_override_merges_onto_inference_yaml(tmp_path):
     assert parser.get_parsed_content("network_def").out_channels == parser.get_parsed_content("num_classes")
     from scripts.postprocessing import output_mode
 
-    assert output_mode(parser.get_parsed_content("num_classes"), names) in ("softmax", "sigmoid")
+    assert output_mode(parser.get_parsed_content("num_classes"), names) == "sigmoid"  # 3 channels, 4 classes
     assert parser.get_parsed_content("ckpt_path").endswith("/models/model_anatomy.pt")
     assert parser.get_parsed_content("datalist") == []  # input_dir (empty here), not anatomy's dataset_dir
     assert parser.get_parsed_content("output_dir") == str(tmp_path / "out")

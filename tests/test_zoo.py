@@ -1,9 +1,15 @@
-"""MONAI Model Zoo style checks of the bundle (as the zoo's ci/verify_bundle.py does), through MONAI's CLI.
+"""MONAI Model Zoo checks of the bundle, called as the zoo's ci/verify_bundle.py calls them, through MONAI's
+CLI and API.
 
 - the required files, the version in the changelog, the 25 MB limit per file;
 - metadata.json against the schema in tests/schema (a local restatement of the bundle specification:
   with the file present, ``verify_metadata`` does not download anything);
-- ``verify_net_in_out`` for the UNet, InvertedNet and the anatomy model;
+- the zoo's verify steps on the release folder that tools/package_bundle.py writes, with the zoo's own
+  arguments: ``verify_metadata`` (schema at eval/schema.json), ``verify_net_in_out`` with its defaults
+  (n = p = any = 1) on the inference config, ``ckpt_export`` of models/*.pt to models/verify_model.ts; for the
+  lung model and, with their configs, the anatomy UNet and the anatomy InvertedNet;
+- ``monai.bundle.load(..., workflow_type="inference" | "train")`` gives the network with the shipped weights;
+- inference reads ``dataset_dir`` (the zoo's key), ``input_dir`` being its alias;
 - ``ckpt_export`` (TorchScript) and ``onnx_export`` (dynamic batch, height and width), each compared with
   the eager network on a real radiograph preprocessed by train.yaml's own ``validate#preprocessing``;
 - inference through the TorchScript and ONNX Runtime overrides gives the eager run's masks.
@@ -95,15 +101,8 @@ def cli_calls(weights, tmp_path_factory) -> dict:
     """Every CLI call of this module, started together: {name: (BundleCLI, output file or None)}."""
     out = tmp_path_factory.mktemp("cli")
     ts, onnx = out / "model.ts", out / "model.onnx"
-    unet_and_invertednet = f"['{TRAIN}','{CONFIGS / 'invertednet.yaml'}']"
     calls = {
         "verify_metadata": (("verify_metadata", "--meta_file", str(META), "--filepath", str(SCHEMA)), None),
-        # spatial_shape "16*n": --n 4 feeds a 1 x 1 x 64 x 64 image
-        "verify_unet": (("verify_net_in_out", "--net_id", "network_def", "--meta_file", str(META),
-                         "--config_file", str(TRAIN), "--n", "4", "--device", "cpu"), None),
-        # InvertedNet needs sizes divisible by 8; --n 2 gives 32 x 32
-        "verify_invertednet": (("verify_net_in_out", "--net_id", "network_def", "--meta_file", str(META),
-                                "--config_file", unet_and_invertednet, "--n", "2", "--device", "cpu"), None),
         "ckpt_export": (("ckpt_export", "--net_id", "network_def", "--filepath", str(ts), "--ckpt_file", str(weights),
                          "--meta_file", str(META), "--config_file", str(TRAIN)), ts),
         "onnx_export": (("onnx_export", "--net_id", "network_def", "--filepath", str(onnx), "--ckpt_file",
@@ -206,23 +205,167 @@ def test_verify_metadata_rejects_broken_metadata(tmp_path, break_it, message):
 # ---- network input / output ------------------------------------------------------------------------
 
 
-def test_verify_net_in_out_unet(cli_calls):
-    assert "data shape of network is verified with no error" in cli_calls["verify_unet"][0].result()
-
-
-def test_verify_net_in_out_invertednet(cli_calls):
-    assert "data shape of network is verified with no error" in cli_calls["verify_invertednet"][0].result()
-
-
-def test_verify_net_in_out_anatomy_model():
-    anatomy = CONFIGS / "anatomy.yaml"
-    if not anatomy.is_file():
-        pytest.skip("configs/anatomy.yaml is not there")
+@pytest.mark.parametrize("configs", [["train.yaml"], ["train.yaml", "invertednet.yaml"],
+                                     ["inference.yaml", "invertednet.yaml"]], ids=["unet", "invertednet", "infer-inv"])
+def test_verify_net_in_out_with_its_defaults(configs, monkeypatch):
+    """The networks the zoo's verify steps below do not cover (training configs, a lung InvertedNet), fed what
+    verify_net_in_out feeds by default (n = p = any = 1): the metadata's spatial_shape "16*n+16" gives 32 x 32,
+    the smallest input the 4-level UNet takes ("16*n" gave 16 x 16, a 1 x 1 bottleneck InstanceNorm rejects)."""
     from monai.bundle import verify_net_in_out
 
-    override = {"_meta_#network_data_format": metadata()["anatomy_network_data_format"]}
-    verify_net_in_out(net_id="network_def", meta_file=str(META), config_file=[str(TRAIN), str(anatomy)],
-                      n=2, device="cpu", **override)
+    monkeypatch.syspath_prepend(str(BUNDLE))  # the zoo puts the bundle first on sys.path (scripts.*)
+    verify_net_in_out(net_id="network_def", meta_file=str(META), config_file=[str(CONFIGS / c) for c in configs],
+                      bundle_root=str(BUNDLE), device="cpu")
+
+
+def test_spatial_shape_is_the_set_of_sizes_the_networks_take():
+    from monai.bundle.scripts import _get_fake_spatial_shape
+
+    for fmt in ("network_data_format", "anatomy_network_data_format"):
+        for tensors in metadata()[fmt].values():
+            shape = tensors[next(iter(tensors))]["spatial_shape"]
+            assert [_get_fake_spatial_shape(shape, n=n) for n in (1, 2, 15, 31)] == \
+                [(32, 32), (48, 48), (256, 256), (512, 512)], shape  # multiples of 16 from 32: 256 and 512 too
+    parser = ConfigParser()
+    parser.read_config(str(TRAIN))
+    net = parser.get_parsed_content("network_def").eval()
+    with pytest.raises(ValueError, match="more than 1 spatial element"), torch.no_grad():
+        net(torch.rand(1, 1, 16, 16))  # why not "16*n": 16 x 16 is too small
+
+
+# ---- the zoo's verify_bundle.py on the release folder --------------------------------------------------
+
+# models: (configs merged after configs/inference.yaml, weights in models/, metadata key of its data format)
+ZOO_MODELS = {
+    "lungs": ([], "model.pt", "network_data_format"),
+    "anatomy": (["configs/anatomy.yaml"], "model_anatomy.pt", "anatomy_network_data_format"),
+    "anatomy_invertednet": (["configs/anatomy.yaml", "configs/invertednet.yaml"], "model_anatomy_invertednet.pt",
+                            "anatomy_network_data_format"),
+}
+
+
+@pytest.fixture(scope="module")
+def zoo_bundle(tmp_path_factory) -> Path:
+    """The release as the zoo's CI has it: tools/package_bundle.py's --folder output at models/cxr_segmentation,
+    and the schema at eval/schema.json, where the zoo's prepare_schema puts the one it downloads (offline:
+    this project's restatement)."""
+    sys.path.insert(0, str(REPO / "tools"))
+    try:
+        from package_bundle import build
+    finally:
+        sys.path.remove(str(REPO / "tools"))
+    models = tmp_path_factory.mktemp("model-zoo") / "models"
+    build(BUNDLE, models, "cxr_segmentation", folder=True)
+    bundle = models / "cxr_segmentation"
+    (bundle / "eval").mkdir()
+    shutil.copy(SCHEMA, bundle / "eval" / "schema.json")
+    return bundle
+
+
+def test_zoo_verify_directory_version_metadata_and_properties(zoo_bundle):
+    from monai.bundle import ConfigWorkflow, verify_metadata
+
+    # verify_bundle_directory: the necessary and the preferred files; of configs/inference.{json,yaml,yml} the
+    # zoo takes the last it finds, inference.yaml (inference.json is the network alone, for monai.bundle.load)
+    for rel in ("configs/metadata.json", "LICENSE", "models/model.pt"):
+        assert (zoo_bundle / rel).is_file(), rel
+    names = os.listdir(zoo_bundle / "configs")
+    found = [f"inference.{s}" for s in ("json", "yaml", "yml") if f"inference.{s}" in names]
+    assert found[-1] == "inference.yaml", found
+    # verify_version_changes
+    meta = json.loads((zoo_bundle / "configs" / "metadata.json").read_text())
+    assert meta["version"] in meta["changelog"]
+    # verify_metadata_format
+    require("jsonschema")
+    verify_metadata(meta_file=str(zoo_bundle / "configs/metadata.json"), filepath=str(zoo_bundle / "eval/schema.json"))
+    # verify_bundle_properties: what it checks for an app (supported_apps), here always: the inference properties
+    wf = ConfigWorkflow(workflow_type="inference", config_file=str(zoo_bundle / "configs/inference.yaml"),
+                        bundle_root=str(zoo_bundle), logging_file=str(zoo_bundle / "configs/logging.conf"),
+                        meta_file=str(zoo_bundle / "configs/metadata.json"))
+    wf.initialize()
+    assert not wf.check_properties()
+
+
+@pytest.mark.parametrize("model", ZOO_MODELS)
+def test_zoo_verify_data_shape_and_torchscript(zoo_bundle, model, monkeypatch):
+    """verify_data_shape and verify_torchscript as verify_bundle.py calls them (config, meta_file, bundle_root,
+    defaults for everything else); the anatomy models with their configs and their data format. Then the
+    exported module must compute what the eager network with the weights loaded strictly computes:
+    ckpt_export copies matching weights only, so a mismatch would otherwise pass unseen."""
+    from monai.bundle import ckpt_export, verify_net_in_out
+
+    extra, weights, fmt = ZOO_MODELS[model]
+    monkeypatch.syspath_prepend(str(zoo_bundle))  # verify(): sys.path = [bundle path] + sys.path
+    meta_file = str(zoo_bundle / "configs/metadata.json")
+    config_file = [str(zoo_bundle / c) for c in ["configs/inference.yaml", *extra]]
+    override = {"_meta_#network_data_format": metadata()[fmt]} if fmt != "network_data_format" else {}
+    verify_net_in_out(net_id="network_def", meta_file=meta_file, config_file=config_file, bundle_root=str(zoo_bundle),
+                      **override)
+    ts_path = zoo_bundle / "models" / "verify_model.ts"
+    ckpt_export(net_id="network_def", filepath=str(ts_path), ckpt_file=str(zoo_bundle / "models" / weights),
+                meta_file=meta_file, config_file=config_file, bundle_root=str(zoo_bundle), **override)
+
+    parser = ConfigParser()
+    parser.read_config(config_file)
+    parser["bundle_root"] = str(zoo_bundle)
+    net = parser.get_parsed_content("network_def")
+    net.load_state_dict(torch.load(zoo_bundle / "models" / weights, map_location="cpu", weights_only=True))
+    ts = torch.jit.load(str(ts_path), map_location="cpu")
+    x = torch.rand(2, 1, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(ts.eval()(x), net.eval()(x), atol=1e-5)
+
+
+# ---- monai.bundle.load ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("workflow_type, config", [("inference", INFERENCE), ("train", TRAIN)])
+def test_monai_bundle_load_gives_the_network_with_the_shipped_weights(zoo_bundle, workflow_type, config):
+    """load() builds network_def from configs/<workflow_type>.json: the network of the workflow's YAML config."""
+    from monai.bundle import load
+
+    net = load("cxr_segmentation", bundle_dir=str(zoo_bundle.parent), workflow_type=workflow_type, device="cpu",
+               progress=False)
+    assert isinstance(net, torch.nn.Module), type(net)
+    shipped = torch.load(zoo_bundle / "models" / "model.pt", weights_only=True)
+    state = net.state_dict()
+    assert state.keys() == shipped.keys() and all(torch.equal(state[k], shipped[k]) for k in shipped)
+    parser = ConfigParser()
+    parser.read_config(str(config))
+    assert repr(net) == repr(parser.get_parsed_content("network_def"))  # same layers, dropout included
+
+
+def test_monai_bundle_load_gives_the_anatomy_network(zoo_bundle):
+    from monai.bundle import load
+
+    net = load("cxr_segmentation", bundle_dir=str(zoo_bundle.parent), workflow_type="inference", device="cpu",
+               model_file="models/model_anatomy.pt", net_override={"out_channels": 3}, progress=False)
+    shipped = torch.load(zoo_bundle / "models" / "model_anatomy.pt", weights_only=True)
+    state = net.state_dict()
+    assert state.keys() == shipped.keys() and all(torch.equal(state[k], shipped[k]) for k in shipped)
+
+
+# ---- where inference reads ------------------------------------------------------------------------------
+
+
+def test_inference_reads_dataset_dir_and_input_dir_is_its_alias(tmp_path):
+    """The zoo points a bundle at data with dataset_dir; --input_dir still works (and wins when both are given);
+    anatomy.yaml merged on top moves neither."""
+    from PIL import Image
+
+    for folder, name in (("a", "from_dataset_dir.png"), ("b", "from_input_dir.png")):
+        (tmp_path / folder).mkdir()
+        Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(tmp_path / folder / name)
+    cases = [({"dataset_dir": str(tmp_path / "a")}, ["from_dataset_dir.png"]),
+             ({"input_dir": str(tmp_path / "b")}, ["from_input_dir.png"]),
+             ({"dataset_dir": str(tmp_path / "a"), "input_dir": str(tmp_path / "b")}, ["from_input_dir.png"])]
+    for configs in ([INFERENCE], [INFERENCE, CONFIGS / "anatomy.yaml"]):
+        for override, expected in cases:
+            parser = ConfigParser()
+            parser.read_config([str(c) for c in configs])
+            parser.update({"bundle_root": str(BUNDLE), "output_dir": str(tmp_path / "out"), **override})
+            inputs = parser.get_parsed_content("all_inputs")
+            assert [Path(i["image"]).name for i in inputs] == expected, (configs, override)
 
 
 # ---- export and parity -----------------------------------------------------------------------------
@@ -315,9 +458,12 @@ def _infer(config_files: list[Path], input_dir: Path, output_dir: Path, ckpt_pat
     from monai.bundle import ConfigWorkflow
     from PIL import Image
 
+    # amp=False: on CUDA the eager run would compute in float16 (AMP) while ONNX Runtime computes in float32 on
+    # the CPU; AMP's ~1e-3 relative error flips pixels on the decision boundary, and this compares the exports,
+    # not AMP. (inference_onnx.yaml sets amp false itself; the TorchScript run would use AMP on CUDA too.)
     wf = ConfigWorkflow(config_file=[str(c) for c in config_files], workflow_type="inference", logging_file=False,
-                        bundle_root=str(BUNDLE), input_dir=str(input_dir), output_dir=str(output_dir),
-                        ckpt_path=str(ckpt_path), progress=False, num_workers=0, write_overlay=False)
+                        bundle_root=str(BUNDLE), dataset_dir=str(input_dir), output_dir=str(output_dir),
+                        ckpt_path=str(ckpt_path), progress=False, num_workers=0, write_overlay=False, amp=False)
     wf.initialize()
     wf.run()
     wf.finalize()
@@ -353,5 +499,10 @@ def test_exported_model_inference_gives_the_eager_masks(kind, request, two_radio
     assert parser["handlers"][0]["_target_"] == "CheckpointLoader"  # the override switches off handlers#0
     masks = _infer([INFERENCE, CONFIGS / f"inference_{kind}.yaml"], two_radiographs, tmp_path, exported)
     assert masks.keys() == eager_masks.keys()
+    # float32 on both sides (amp=False in _infer). On the CPU the masks are identical. On a GPU, cuDNN (and TF32
+    # on Ampere and later) round differently from the CPU, so a pixel whose logits nearly tie may flip:
+    # allow 0.1 % of the pixels there (a lung field is ~25 % of a radiograph; its boundary ~1 %).
+    on_cpu = not torch.cuda.is_available()
     for name, mask in masks.items():
-        assert np.array_equal(mask, eager_masks[name]), f"{kind}: {name} differs from the eager mask"
+        differing = np.count_nonzero(mask != eager_masks[name]) / mask.size
+        assert differing == 0 if on_cpu else differing <= 1e-3, f"{kind}: {name}: {differing:.2%} of pixels differ"
