@@ -109,15 +109,22 @@ def test_best_model_saver_keeps_its_record_across_a_resume(tmp_path):
         engine.state.epoch = 1
         saver.metrics_completed(engine)
 
+    def saved_weight():
+        return torch.load(tmp_path / "model.pt", weights_only=True)["weight"]
+
     first = BestModelSaver(str(tmp_path), {"model": net}, key_metric_name="val_mean_dice")
+    with torch.no_grad():
+        net.weight.fill_(1.0)
     run_with(0.9, first)
-    saved = (tmp_path / "model.pt").stat().st_mtime_ns
+    torch.testing.assert_close(saved_weight(), torch.full((2, 2), 1.0), rtol=0, atol=0)
     resumed = BestModelSaver(str(tmp_path), {"model": net}, key_metric_name="val_mean_dice")
     resumed.load_state_dict(first.state_dict())
-    run_with(0.5, resumed)  # worse: model.pt must stay
-    assert (tmp_path / "model.pt").stat().st_mtime_ns == saved
-    run_with(0.95, resumed)  # better: replaced
-    assert (tmp_path / "model.pt").stat().st_mtime_ns != saved
+    with torch.no_grad():
+        net.weight.fill_(2.0)
+    run_with(0.5, resumed)  # worse: model.pt must keep the weights of the 0.9 epoch
+    torch.testing.assert_close(saved_weight(), torch.full((2, 2), 1.0), rtol=0, atol=0)
+    run_with(0.95, resumed)  # better: replaced by the current weights
+    torch.testing.assert_close(saved_weight(), torch.full((2, 2), 2.0), rtol=0, atol=0)
 
 
 def test_cli_names_the_file_without_a_mask(tmp_path, small_montgomery):
@@ -131,7 +138,12 @@ def test_cli_names_the_file_without_a_mask(tmp_path, small_montgomery):
 
 @pytest.mark.slow
 def test_training_learns_montgomery_lungs(tmp_path, montgomery):
-    """A pipeline that runs but does not learn fails here: validation Dice >= 0.85 at 128x128."""
+    """A pipeline that runs but does not learn fails here: validation Dice >= 0.89 at 128x128 after 12 epochs.
+
+    Measured on 2 CPU cores (best validation Dice after 12 epochs): seed 0, this test's, 0.9076 in a pytest
+    run of four test files, 0.9099 alone, 0.9097 alone on one thread; seeds 1 to 4 (other splits,
+    initialisations and augmentation draws) 0.9191, 0.9259, 0.9009, 0.9172. The bar sits just under the
+    lowest of the five (after the first epoch they were 0.52 to 0.82)."""
     start = time.perf_counter()
     wf = _workflow(tmp_path, dataset_dir=str(montgomery), spatial_size=[128, 128], max_epochs=12, batch_size=8)
     wf.initialize()
@@ -140,7 +152,7 @@ def test_training_learns_montgomery_lungs(tmp_path, montgomery):
     best = evaluator.state.best_metric
     wf.finalize()
     print(f"\nlearning test: best validation Dice {best:.4f} after 12 epochs, {time.perf_counter() - start:.0f} s")
-    assert best >= 0.85
+    assert best >= 0.89
 
 
 def test_pretrained_weights_are_the_starting_point(tmp_path, small_montgomery):

@@ -63,9 +63,10 @@ class InvertedNet(nn.Module):
     which has 972,546 trainable parameters with ``out_channels=2`` (972,804 with ``out_channels=4``).
 
     **Output:** the network returns raw ``out_channels`` *logits* of shape ``(B, out_channels, *spatial)``.
-    The paper applies a softmax in the network; here the softmax belongs to the loss (e.g.
-    ``DiceCELoss(softmax=True)``) and to post-processing (``Activations(softmax=True)`` / ``AsDiscrete(argmax=True)``),
-    so do not add another one.
+    The paper applies a softmax in the network; here the activation belongs to the loss and the post-processing
+    of the config, so do not add one: a softmax with train.yaml (``DiceCELoss(softmax=True)``, argmax), a
+    sigmoid per channel with anatomy.yaml (Dice + binary cross-entropy, each channel thresholded at 0.5), as
+    the shipped ``model_anatomy_invertednet.pt`` was trained.
 
     **Input size:** every spatial size must be divisible by ``2 ** depth`` (8 for the defaults), so that the
     upsampled decoder features align with the skip connections; ``forward`` raises a ``ValueError`` otherwise.
@@ -106,7 +107,10 @@ class InvertedNet(nn.Module):
 
     Examples::
 
-        # the paper-like configuration (128 full-resolution feature maps, 4 resolution levels)
+        # the defaults: the layout of a course project's Keras notebook (KTH DD2424, Aubret, Sharma and
+        # Cabrera Gil 2019, Main_Code.ipynb), not one checked against the paper: 128 feature maps at full
+        # resolution (the report's input is 128 x 128), halved at each of 3 stride-2 steps to 16, so 4
+        # resolution levels (the report's text gives the 128 and the halving/doubling, not the depth)
         >>> net = InvertedNet(in_channels=1, out_channels=4)
         >>> net(torch.randn(2, 1, 128, 128)).shape
         torch.Size([2, 4, 128, 128])
