@@ -71,13 +71,19 @@ FINISHED = re.compile(LOG_TIME + r"Engine run finished", re.M)
 
 
 def select_images(data_root: Path, n: int) -> list[Path]:
-    """The first ``n`` images, one from each set in turn (each set's files sorted)."""
+    """The first ``n`` images, one from each set in turn (each set's files sorted); past the last image
+    the same order starts again (the links of the repeats get a ``_copyK`` suffix: ``link_name``)."""
     lists = [sorted(glob.glob(str(data_root / s / "images" / "*"))) for s in SETS]
     picked, i = [], 0
-    while len(picked) < n and any(i < len(files) for files in lists):
+    while any(i < len(files) for files in lists):
         picked += [Path(files[i]) for files in lists if i < len(files)]
         i += 1
-    return picked[:n]
+    return [picked[k % len(picked)] for k in range(n)] if picked else []
+
+
+def link_name(path: Path, copy: int) -> str:
+    """The name of the link to ``path``: its own name, ``<stem>_copyK<suffix>`` for its K-th repeat."""
+    return path.name if not copy else f"{path.stem}_copy{copy}{path.suffix}"
 
 
 def bf16_cli_args() -> tuple[list[str], str]:
@@ -502,7 +508,8 @@ def markdown(report: dict) -> str:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n_images", type=int, default=500, help="radiographs, taken in turn from the three sets")
+    ap.add_argument("--n_images", type=int, default=500,
+                    help="radiographs, taken in turn from the three sets (cycled past the 700 there are)")
     ap.add_argument("--batch_size", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3, help="rounds of every variant; medians are reported")
     ap.add_argument("--num_workers", type=int, default=None, help="the bundle's --num_workers (default: its own)")
@@ -522,16 +529,20 @@ def main():
         return
 
     images = select_images(Path(args.data_root), args.n_images)
-    if len(images) < args.n_images:
-        print(f"only {len(images)} images under {args.data_root}", file=sys.stderr)
+    distinct = len(set(images))
+    if images and distinct < args.n_images:
+        print(f"only {distinct} images under {args.data_root}: cycled, with _copyK links", file=sys.stderr)
     if not images:
         sys.exit(f"no images under {args.data_root}/{{{','.join(SETS)}}}/images")
     work = Path(tempfile.mkdtemp(prefix="cxr_inference_bench_"))
     try:
-        for path in images:
-            link = work / "in" / path.parents[1].name / path.name
+        for k, path in enumerate(images):
+            link = work / "in" / path.parents[1].name / link_name(path, k // distinct)
             link.parent.mkdir(parents=True, exist_ok=True)
-            link.symlink_to(path)
+            if k < distinct:
+                link.symlink_to(path)
+            else:  # a repeat is a file of its own: inference lists a second link to one file once
+                shutil.copyfile(path, link)
         weights, weights_note = make_weights(args, work)
         from PIL import Image
 
@@ -561,7 +572,8 @@ def main():
             "n_images": len(images),
             "images_per_set": per_set,
             "image_sizes": sizes,
-            "images_note": ", ".join(f"{n} {s}" for s, n in per_set.items()) + "; sizes "
+            "images_note": ", ".join(f"{n} {s}" for s, n in per_set.items())
+            + (f"; {distinct} distinct images, cycled" if distinct < len(images) else "") + "; sizes "
             + ", ".join(f"{n}x {k}" for k, n in sorted(sizes.items(), key=lambda kv: -kv[1])),
             "weights": weights_note,
             "bf16_cli": bf16_cli_args()[1],
