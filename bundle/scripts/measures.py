@@ -73,9 +73,12 @@ def _lung_components(lungs: np.ndarray) -> tuple[np.ndarray, int, int, np.ndarra
     cols = np.nonzero(lungs.any(axis=0))[0]
     midline = (cols[0] + cols[-1] + 1) / 2.0 if n >= 2 else lungs.shape[1] / 2.0
     split = int(np.ceil(midline))  # columns < midline are the image left
-    on_left = np.bincount(labels[:, :split].ravel(), minlength=n + 1)
-    on_right = np.bincount(labels[:, split:].ravel(), minlength=n + 1)
-    return labels, n, split, on_left, on_right
+
+    def count(part: np.ndarray) -> np.ndarray:  # pixels of each label in a column range, without a copy
+        return np.array([np.count_nonzero(part == c) for c in range(n + 1)]) if n <= 4 else \
+            np.bincount(part.ravel(), minlength=n + 1)
+
+    return labels, n, split, count(labels[:, :split]), count(labels[:, split:])
 
 
 def _sides(on_left: np.ndarray, on_right: np.ndarray) -> np.ndarray:

@@ -75,9 +75,9 @@ def make_overlay(
         mask = (mask > 0).astype(np.uint8)
         if not mask.any():
             continue
-        # fill: a quarter of the class colour over the radiograph (uint8 throughout: OpenCV's fast paths)
-        tinted = cv2.addWeighted(picture, 0.75, np.full_like(picture, colour), 0.25, 0)
-        np.copyto(picture, tinted, where=mask.astype(bool)[..., None])
+        # fill: a quarter of the class colour over the radiograph, inside the mask only (uint8, OpenCV)
+        shaded = cv2.multiply(picture, (0.75, 0.75, 0.75, 0))
+        cv2.add(shaded, tuple(0.25 * c for c in colour) + (0,), dst=picture, mask=mask)
         outlines.append((cv2.findContours(mask, cv2.RETR_LIST, cv2.CHAIN_APPROX_NONE)[0], colour))
     for contours, colour in outlines:  # outlines over every fill
         cv2.drawContours(picture, contours, -1, colour, thickness, cv2.LINE_AA)

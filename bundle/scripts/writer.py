@@ -302,7 +302,7 @@ class SegmentationWriter:
             measures["cardiothoracic_ratio"] = None  # a CTR of something that is not a plausible chest is no CTR
         measures.update(qc_score=qc_score(out.get("qc_ratios") or {}, flags), qc_flags=flags)
         base = os.path.join(self.output_dir, str(item["name"]))
-        save_png(labels, base + "_seg.png")
+        save_png(labels, base + "_seg.png", level=3)
         warnings = []
         if self.write_overlay:
             try:
