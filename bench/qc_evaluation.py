@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import subprocess
 import sys
 import tempfile
 from collections import Counter
@@ -37,6 +36,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
 sys.path.insert(0, str(REPO / "bundle"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # inference_agreement.run_cli
 
 SETS = {"montgomery": "masks", "shenzhen": "masks", "jsrt_scr": "structures/lungs"}
 PHOTOGRAPHS = ("astronaut", "camera", "coffee", "chelsea", "rocket", "coins", "moon", "horse", "clock",
@@ -97,13 +97,10 @@ def build(work: Path, data_root: Path) -> dict[str, Path]:
 
 
 def run(folder: Path, output: Path, configs: list[str]) -> list[dict]:
-    files = [str(REPO / "bundle" / "configs" / c) for c in ["inference.yaml", *configs]]
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "inference", "--bundle_root", str(REPO / "bundle"),
-           "--config_file", str(files), "--input_dir", str(folder), "--output_dir", str(output),
-           "--write_overlay", "False", "--write_dicom_seg", "False", "--progress", "False"]
-    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise RuntimeError(f"inference on {folder} failed:\n{result.stderr[-3000:]}")
+    """The CLI on ``folder`` (masks only), as inference_agreement.py runs it; the rows of its results.csv."""
+    from inference_agreement import run_cli
+
+    run_cli(REPO, configs, folder, output)
     with open(output / "results.csv", newline="") as f:
         return list(csv.DictReader(f))
 
