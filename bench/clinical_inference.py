@@ -300,7 +300,7 @@ def run_naive(args) -> dict:
 
 def run_profile(args) -> dict:
     """inference.yaml's ``run`` in this process under cProfile on ``work/profile_in``, after an unprofiled run
-    on one study (imports and one-time set-ups out of the way); ``num_workers 0`` and ``write_threads 0``, so
+    on one study (imports and one-time set-ups out of the way); ``num_workers 0`` and ``write_workers 0``, so
     that reading and writing run in the profiled thread."""
     import cProfile
     import pstats
@@ -311,7 +311,7 @@ def run_profile(args) -> dict:
         shutil.rmtree(out, ignore_errors=True)
         parser = it._parser({"input_dir": os.path.join(args.work_dir, folder), "output_dir": out,
                              "progress": False})
-        parser.update({k: 0 for k in ("num_workers", "write_threads") if parser.get(k) is not None})
+        parser.update({k: 0 for k in ("num_workers", "write_workers") if parser.get(k) is not None})
         parser.get_parsed_content("initialize")
         return parser
 
@@ -331,7 +331,7 @@ def run_profile(args) -> dict:
                 for key, value in rows]
 
     return {"n_studies": n, "run_s": total, "studies_per_s": n / total,
-            "overrides": {k: parser[k] for k in ("num_workers", "write_threads") if parser.get(k) is not None},
+            "overrides": {k: parser[k] for k in ("num_workers", "write_workers") if parser.get(k) is not None},
             "top_bundle_cumulative": top(3, lambda key: key[0].startswith(str(BUNDLE))), "top_own": top(2),
             "peak_rss_mb": _peak_mb()}
 

@@ -51,3 +51,13 @@ def small_montgomery(montgomery: Path, tmp_path: Path) -> Path:
         shutil.copy(image, out / "images" / image.name)
         shutil.copy(montgomery / "masks" / image.name, out / "masks" / image.name)
     return out
+
+
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    """Inference workflows set torch's CPU threads for their run (network_threads); give later tests theirs back."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)

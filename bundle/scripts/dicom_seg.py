@@ -157,3 +157,19 @@ def make_dicom_seg(
         pixel_measures=pixel_measures,
         omit_empty_frames=False,
     )
+
+
+def warm_up(class_names: Sequence[str], algorithm_version: str = "unknown") -> None:
+    """Build and encode one tiny SEG, so that highdicom's and pydicom's first-use work (imports, tables: about
+    0.6 s) is done in this process: the writer processes forked from it then start warm."""
+    import io
+
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    source = pydicom.Dataset()
+    source.update({"SOPClassUID": "1.2.840.10008.5.1.4.1.1.1.1", "SOPInstanceUID": generate_uid(),  # DX image
+                   "StudyInstanceUID": generate_uid(), "SeriesInstanceUID": generate_uid(), "Modality": "DX",
+                   "Rows": 8, "Columns": 8})
+    seg = make_dicom_seg(source, np.zeros((len(class_names) - 1, 8, 8), np.uint8), class_names, algorithm_version)
+    seg.save_as(io.BytesIO(), enforce_file_format=True)

@@ -4,6 +4,7 @@ checkpoint files, the device of a torchrun process, seeds and cuDNN's kernel cho
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -105,6 +106,15 @@ def local_device(local_rank: int) -> torch.device:
             "--device \"\\$torch.device('cpu')\" (gloo)"
         )
     return torch.device("cuda", local_rank)
+
+
+def network_threads(num_workers: int = 0, write_workers: int = 0) -> int:
+    """CPU threads for the network in inference: the cores this process may use (divided among torchrun's
+    local ranks) less one per reader and writer process, at least 1. More threads than free cores make the
+    network, the readers and the writers wait for each other (OpenMP threads spin while they wait)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores //= max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    return max(1, cores - int(num_workers) - int(write_workers))
 
 
 def seed_and_select_kernels(seed: int, rank: int = 0, deterministic: bool = True,

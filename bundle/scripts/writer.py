@@ -7,21 +7,22 @@ import glob
 import json
 import logging
 import math
+import multiprocessing
 import os
+import signal
+import sys
 from collections import deque
 from collections.abc import Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 
-import numpy as np
 import torch
 
-from .files import atomic_write, save_jpeg, save_png
+from .files import atomic_write
 from .inputs import describe_error
-from .io import is_dicom
-from .measures import csv_columns, measure
-from .overlay import legend_lines, render_overlay
-from .postprocessing import output_mode, structures_from_labels
-from .qc import NOT_MEASURABLE, qc_score
+from .measures import csv_columns
+from .outputs import OutputFiles, study_record
+from .postprocessing import output_mode
 from .report import write_report
 
 logger = logging.getLogger("cxr_segmentation.inference")
@@ -58,9 +59,13 @@ class SegmentationWriter:
     file. Rows are appended to ``results.csv.partial`` as they come and moved to ``results.csv`` when the
     run ends (also when it ends with an exception), so ``results.csv`` is never half written.
 
-    The files are written by ``write_threads`` threads while the network runs on the next batch (the
-    image codecs release the GIL); rows still go to ``results.csv`` in input order. ``write_threads``
-    0 writes in the evaluator's thread.
+    The files are written by ``write_workers`` processes while the network runs on the next batch
+    (:class:`scripts.outputs.OutputFiles`; they get the decision fields at network size and the display
+    copy, and decide at the native size themselves); rows still go to ``results.csv`` in input order.
+    Processes, not threads: the encoders and the DICOM SEG builder would otherwise take turns with the
+    network for Python's interpreter lock. A writer process that dies (killed, out of memory) costs no
+    study: the studies it held are written again, each in a process of its own, and only one whose own
+    process dies again fails. ``write_workers`` 0 writes in the evaluator's thread.
 
     Sharded runs (torchrun, configs/multi_gpu_inference.yaml): rank ``r`` of ``world_size`` segments its
     share of the inputs and appends to ``results.rank<r>.csv.partial``; at the end rank 0 waits for the
@@ -75,7 +80,7 @@ class SegmentationWriter:
         write_overlay, write_dicom_seg: which optional outputs to write.
         overlay_format: ``jpg`` (quality 90, no chroma subsampling) or ``png``.
         metadata_file: the bundle's metadata.json; its version goes into the DICOM SEGs.
-        write_threads: threads writing the files (0: none, write in the evaluator's thread).
+        write_workers: processes writing the files (0: none, write in the evaluator's thread).
         rank, world_size: this process's place in a sharded run (torch.distributed initialised when > 1).
     """
 
@@ -91,7 +96,7 @@ class SegmentationWriter:
         write_dicom_seg: bool = True,
         overlay_format: str = "jpg",
         metadata_file: str | None = None,
-        write_threads: int = 2,
+        write_workers: int = 2,
         rank: int = 0,
         world_size: int = 1,
     ):
@@ -113,14 +118,16 @@ class SegmentationWriter:
                                "(pip install highdicom, or --write_dicom_seg False to silence this)")
                 self.write_dicom_seg = False
         self.version = _bundle_version(metadata_file)
+        self.files = OutputFiles(self.output_dir, tuple(self.class_names), bool(self.write_overlay),
+                                 self.overlay_format, bool(self.write_dicom_seg), self.version)
         self.columns = csv_columns(self.class_names)
         self.rank, self.world_size = int(rank), int(world_size)
         self.n_ok = self.n_failed = self.n_warned = 0
         self.failed: list[tuple[str, str]] = []
         self._csv = None
-        self.write_threads = int(write_threads)
-        self._pool: ThreadPoolExecutor | None = None
-        self._pending: deque[Future] = deque()
+        self.write_workers = int(write_workers)
+        self._pool: ProcessPoolExecutor | None = None
+        self._pending: deque[tuple[dict, Future, ProcessPoolExecutor]] = deque()  # (study, row to come, its pool)
         self.carried: list[dict] = []  # results.csv rows of an earlier run in output_dir (resume)
 
     # -- sharding ----------------------------------------------------------------------------------
@@ -141,16 +148,6 @@ class SegmentationWriter:
         return sorted(glob.glob(os.path.join(glob.escape(self.output_dir), "results*.csv.partial")))
 
     # -- resuming an interrupted run ---------------------------------------------------------------
-    def _expected_files(self, record: Mapping, warnings: str = "") -> list[str]:
-        """The output files of a finished input, less the optional ones its row says were not written."""
-        base = os.path.join(self.output_dir, str(record["name"]))
-        files = [base + "_seg.png"]
-        if self.write_overlay and "overlay not written" not in warnings:
-            files.append(base + "_overlay." + self.overlay_format)
-        if self.write_dicom_seg and is_dicom(record["image"]) and "DICOM SEG not written" not in warnings:
-            files.append(base + "_seg.dcm")
-        return files
-
     def still_to_do(self, datalist: Sequence[dict]) -> list[dict]:
         """The inputs an earlier run into ``output_dir`` has not finished; keeps the others' rows for results.csv.
 
@@ -172,7 +169,7 @@ class SegmentationWriter:
         for record in datalist:
             row = previous.get(str(record["rel"]))
             if row and row["status"] == "ok" and all(
-                    os.path.isfile(f) for f in self._expected_files(record, row.get("warnings", ""))):
+                    os.path.isfile(f) for f in self.files.expected(record, row.get("warnings", ""))):
                 self.carried.append(row)
             else:
                 to_do.append(record)
@@ -225,8 +222,8 @@ class SegmentationWriter:
         if self.rank == 0:
             self._writer.writerows(self.carried)
             self.n_ok = len(self.carried)
-        if self.write_threads > 0:
-            self._pool = ThreadPoolExecutor(self.write_threads, thread_name_prefix="cxr-writer")
+        if self.write_workers > 0 and self._pool is None:
+            self._pool = self._new_pool(self.write_workers)
 
     def iteration_completed(self, engine) -> None:
         batch, output = engine.state.batch, engine.state.output
@@ -235,10 +232,11 @@ class SegmentationWriter:
 
             batch, output = decollate_batch(batch), decollate_batch(output)
         for item, out in zip(batch, output):
+            study = study_record(item, out)
             if self._pool is None:
-                self._record(item, self.write_item(item, out))
+                self._record(study, self.files.write(study))
             else:
-                self._pending.append(self._pool.submit(lambda i=item, o=out: (i, self.write_item(i, o))))
+                self._submit(study)
         self._collect(keep=self.max_pending)
         self._csv.flush()
 
@@ -250,23 +248,10 @@ class SegmentationWriter:
         self._finish(merge=False)  # a sharded run's other ranks are not waited for: rows stay in .partial files
         raise e
 
-    # -- one item ----------------------------------------------------------------------------------
-    def write_item(self, item: Mapping, out: Mapping) -> dict:
-        """Write one item's output files; returns its results.csv row. Never raises: a failure is the row's error."""
-        rel, error = str(item["rel"]), str(item.get("error") or "")
-        row: dict = {"path": rel, "status": "ok", "error": ""}
-        if not error:
-            try:
-                row.update(self._write_outputs(item, out))
-            except Exception as e:  # noqa: BLE001 - a failed output fails this file only
-                error = f"writing outputs failed: {describe_error(e)}"
-        if error:
-            row.update(status="failed", error=error)
-        return row
-
-    def _record(self, item: Mapping, row: dict) -> None:
-        """Count the item, log it when it failed or lost an output, append its row (evaluator's thread only)."""
-        path = str(item["path"])
+    # -- one study ---------------------------------------------------------------------------------
+    def _record(self, study: Mapping, row: dict) -> None:
+        """Count the study, log it when it failed or lost an output, append its row (evaluator's thread only)."""
+        path = str(study["path"])
         if row["status"] == "failed":
             self.n_failed += 1
             self.failed.append((path, row["error"]))
@@ -279,64 +264,59 @@ class SegmentationWriter:
         self._writer.writerow({k: _format_number(v) if not isinstance(v, str) else v for k, v in row.items()})
 
     def _collect(self, keep: int) -> None:
-        """Record the written items in input order: all that are done, and wait until at most ``keep`` remain."""
-        while self._pending and (len(self._pending) > keep or self._pending[0].done()):
-            self._record(*self._pending.popleft().result())
-
-    def _write_outputs(self, item: Mapping, out: Mapping) -> dict:
-        """The mask and the measures (a failure raises), then the optional outputs (a failure is a warning)."""
-        labels = torch.as_tensor(out["pred"]).detach().cpu().numpy()
-        labels = labels.reshape(labels.shape[-2:]).astype(np.uint8, copy=False)
-        rows, columns = int(item["rows"]), int(item["columns"])
-        if labels.shape != (rows, columns):
-            raise ValueError(f"label map {labels.shape} is not the native size {(rows, columns)}")
-        if out.get("structures") is not None:
-            masks = torch.as_tensor(out["structures"]).detach().cpu().numpy().astype(np.uint8, copy=False)
-        else:
-            masks = structures_from_labels(labels, len(self.class_names))
-        spacing_values = [float(s) for s in torch.as_tensor(item["spacing"]).reshape(-1).tolist()]
-        spacing = None if any(math.isnan(s) for s in spacing_values) else spacing_values
-        measures = measure(masks, self.class_names, spacing)
-        flags = list(out.get("qc_model_flags") or []) + measures["qc_flags"]
-        if measures.get("cardiothoracic_ratio") is not None and any(f in NOT_MEASURABLE for f in flags):
-            measures["cardiothoracic_ratio"] = None  # a CTR of something that is not a plausible chest is no CTR
-        measures.update(qc_score=qc_score(out.get("qc_ratios") or {}, flags), qc_flags=flags)
-        base = os.path.join(self.output_dir, str(item["name"]))
-        save_png(labels, base + "_seg.png", level=3)
-        warnings = []
-        if self.write_overlay:
+        """Record the written studies in input order: all that are done, and wait until at most ``keep`` remain."""
+        while self._pending and (len(self._pending) > keep or self._pending[0][1].done()):
+            study, future, pool = self._pending.popleft()
             try:
-                self._write_overlay(item, out, measures, base + "_overlay." + self.overlay_format)
-            except Exception as e:  # noqa: BLE001 - an optional output: the study keeps its mask and row
-                warnings.append(f"overlay not written: {describe_error(e)}")
-        if self.write_dicom_seg and str(item.get("format")) == "dicom":
-            try:
-                from .dicom_seg import make_dicom_seg
+                row = future.result()
+            except BrokenProcessPool:
+                if pool is self._pool:
+                    self._replace_pool()
+                row = self._write_alone(study)
+            self._record(study, row)
 
-                seg = make_dicom_seg(str(item["path"]), masks, self.class_names, self.version)
-                atomic_write(base + "_seg.dcm", lambda tmp: seg.save_as(tmp, enforce_file_format=True))
-            except Exception as e:  # noqa: BLE001 - as above
-                warnings.append(f"DICOM SEG not written: {describe_error(e)}")
-        if spacing is None:
-            spacing_text = ""
-        elif abs(spacing[0] - spacing[1]) < 1e-6:
-            spacing_text = f"{spacing[0]:.4g}"
-        else:
-            spacing_text = f"{spacing[0]:.4g}x{spacing[1]:.4g}"
-        measures["qc_flags"] = ";".join(measures["qc_flags"])
-        return {"rows": rows, "columns": columns, "spacing_mm": spacing_text, "warnings": "; ".join(warnings),
-                "mask": os.path.relpath(base + "_seg.png", self.output_dir), **measures}
+    # -- writer processes --------------------------------------------------------------------------
+    def _new_pool(self, processes: int) -> ProcessPoolExecutor:
+        """Processes that write the files; forked where that is safe (Linux), so they start at once. OpenCV
+        runs on one thread from here on, in them and in this process (set before the fork: OpenCV's thread
+        pool does not survive one): the processes share the cores with the network and the readers."""
+        import cv2
 
-    def _write_overlay(self, item: Mapping, out: Mapping, measures: dict, path: str) -> None:
-        """The overlay, drawn on the display copy that came with the item (the file is not read again)."""
-        if "display" not in item or "fields" not in out:
-            raise ValueError("no display copy or decision fields (inference.yaml's DisplayCopyd and "
-                             "DecideAtNetworkSized make them)")
-        shown = (int(item["display_rows"]), int(item["display_columns"]))
-        display = torch.as_tensor(item["display"])[: shown[0], : shown[1]].numpy()
-        picture = render_overlay(display, out["fields"], out["rule"], self.class_names,
-                                 legend_lines(self.class_names, measures))
-        (save_jpeg if self.overlay_format == "jpg" else save_png)(picture, path)
+        cv2.setNumThreads(1)
+        if self.write_dicom_seg:  # highdicom's first-use work done once, here, rather than in every process
+            from .dicom_seg import warm_up
+
+            warm_up(self.class_names, self.version)
+        fork = sys.platform.startswith("linux") and "fork" in multiprocessing.get_all_start_methods()
+        pool = ProcessPoolExecutor(processes, multiprocessing.get_context("fork" if fork else "spawn"),
+                                   initializer=_writer_process_setup)
+        pool.submit(int).result()  # start them now (a fork context starts all at the first task)
+        return pool
+
+    def _submit(self, study: dict) -> None:
+        try:
+            future = self._pool.submit(self.files.write, study)
+        except BrokenProcessPool:  # a process died since the last study was handed over
+            self._replace_pool()
+            future = self._pool.submit(self.files.write, study)
+        self._pending.append((study, future, self._pool))
+
+    def _replace_pool(self) -> None:
+        """New studies go to new processes (those the broken pool held are written again by _write_alone)."""
+        self._pool.shutdown(wait=False)
+        self._pool = self._new_pool(self.write_workers)
+
+    def _write_alone(self, study: Mapping) -> dict:
+        """Write a study whose writer process died (killed, out of memory, a crash in a library) again, in a
+        process of its own; if that one dies too, the study fails."""
+        logger.warning(f"inference: a writer process died while {study['path']} was being written; writing it again")
+        try:
+            with self._new_pool(1) as alone:
+                return alone.submit(self.files.write, study).result()
+        except BrokenProcessPool:
+            return {"path": str(study["rel"]), "status": "failed",
+                    "error": "the writer process died while writing this study's outputs (out of memory, or a "
+                             "crash in an image library); the others were written"}
 
     # -- results.csv -------------------------------------------------------------------------------
     def _close_csv(self) -> None:
@@ -395,6 +375,11 @@ class SegmentationWriter:
                 writer.writerows(rows)
 
         atomic_write(os.path.join(self.output_dir, RESULTS_CSV), write)
+
+
+def _writer_process_setup() -> None:
+    """In each writer process: Ctrl-C is the main process's to handle."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class ImageProgressBar:
