@@ -184,9 +184,9 @@ class DisplayCopyd(MapTransform):
     """Keep a small 8-bit copy of the radiograph for the overlay, so the file is read and windowed once.
 
     Place it right after the intensity scaling (:class:`ScalePercentilesd`, which clips): the image (channel
-    first, at its native size, in [0, 1]) is reduced with OpenCV's area filter to fit ``max_size`` x ``max_size`` (smaller
-    images keep their size) and mapped to 0-255. The copy goes to ``display_key`` as a uint8 NumPy array
-    (rows, columns); the image itself is left as it is.
+    first, at its native size, in [0, 1]) is mapped to 0-255 and reduced with OpenCV's area filter to fit
+    ``max_size`` x ``max_size`` (smaller images keep their size). The copy goes to ``display_key`` as a uint8
+    NumPy array (rows, columns); the image itself is left as it is.
     """
 
     def __init__(self, keys: KeysCollection, max_size: int = 1024, display_key: str = "display",
