@@ -765,3 +765,23 @@ def test_overlay_jpeg_has_no_chroma_subsampling(tmp_path):
         assert JpegImagePlugin.get_sampling(img) == 0  # 4:4:4
         line = np.asarray(img.convert("RGB"))[:, 31].astype(int)
     assert np.abs(line - (40, 220, 90)).max() <= 12
+
+
+def test_a_broken_highdicom_is_said_once_and_no_seg_is_attempted(tmp_path, monkeypatch, caplog):
+    """The writer builds one tiny SEG when it is made: a highdicom that cannot write one here is a single warning
+    at the start (and no per-study warnings), not a failure of every study."""
+    import logging
+
+    import scripts.dicom_seg
+    from scripts.writer import SegmentationWriter
+
+    assert SegmentationWriter(str(tmp_path), ["background", "lungs"]).write_dicom_seg  # the installed one works
+
+    def broken(*args, **kwargs):
+        raise AttributeError("module 'pydicom' has no attribute 'something_highdicom_needs'")
+
+    monkeypatch.setattr(scripts.dicom_seg, "warm_up", broken)
+    with caplog.at_level(logging.WARNING, logger="cxr_segmentation.inference"):
+        writer = SegmentationWriter(str(tmp_path), ["background", "lungs"])
+    assert not writer.write_dicom_seg and not writer.files.write_dicom_seg
+    assert [r.getMessage() for r in caplog.records if "cannot write a DICOM SEG" in r.getMessage()]

@@ -110,14 +110,9 @@ class SegmentationWriter:
         self.write_overlay = write_overlay
         self.overlay_format = str(overlay_format).lower()
         self.write_dicom_seg = write_dicom_seg
-        if write_dicom_seg:
-            try:
-                import highdicom  # noqa: F401
-            except ImportError:
-                logger.warning("inference: highdicom is not installed, so no DICOM SEG is written "
-                               "(pip install highdicom, or --write_dicom_seg False to silence this)")
-                self.write_dicom_seg = False
         self.version = _bundle_version(metadata_file)
+        if write_dicom_seg:
+            self.write_dicom_seg = self._dicom_seg_works()
         self.files = OutputFiles(self.output_dir, tuple(self.class_names), bool(self.write_overlay),
                                  self.overlay_format, bool(self.write_dicom_seg), self.version)
         self.columns = csv_columns(self.class_names)
@@ -129,6 +124,23 @@ class SegmentationWriter:
         self._pool: ProcessPoolExecutor | None = None
         self._pending: deque[tuple[dict, Future, ProcessPoolExecutor]] = deque()  # (study, row to come, its pool)
         self.carried: list[dict] = []  # results.csv rows of an earlier run in output_dir (resume)
+
+    def _dicom_seg_works(self) -> bool:
+        """Build one tiny SEG now: a missing or broken highdicom is said once, here, not for every study; and
+        its first-use work (imports, tables: about 0.6 s) is done before the writer processes are forked."""
+        try:
+            from .dicom_seg import warm_up
+
+            warm_up(self.class_names, self.version)
+        except ImportError:
+            logger.warning("inference: highdicom is not installed, so no DICOM SEG is written "
+                           "(pip install highdicom, or --write_dicom_seg False to silence this)")
+            return False
+        except Exception as e:  # noqa: BLE001 - a highdicom/pydicom pair that does not work together
+            logger.warning(f"inference: highdicom cannot write a DICOM SEG here ({describe_error(e)}), so none is "
+                           f"written (pip install -U highdicom pydicom, or --write_dicom_seg False)")
+            return False
+        return True
 
     # -- sharding ----------------------------------------------------------------------------------
     def shard(self, datalist: Sequence[dict]) -> list[dict]:
@@ -283,10 +295,6 @@ class SegmentationWriter:
         import cv2
 
         cv2.setNumThreads(1)
-        if self.write_dicom_seg:  # highdicom's first-use work done once, here, rather than in every process
-            from .dicom_seg import warm_up
-
-            warm_up(self.class_names, self.version)
         fork = sys.platform.startswith("linux") and "fork" in multiprocessing.get_all_start_methods()
         pool = ProcessPoolExecutor(processes, multiprocessing.get_context("fork" if fork else "spawn"),
                                    initializer=_writer_process_setup)
