@@ -507,19 +507,25 @@ def test_overlay_draws_the_ctr_calipers_of_heart_and_thorax():
     assert not any((lungs_only[r, 70:530] == colours[1]).all() for r in range(401, 500))  # no CTR: no calipers
 
 
-def test_writer_processes_write_what_the_evaluator_thread_writes(tmp_path, mixed_folder):
-    """Files written by the writer processes are the same as written in line, and results.csv keeps input order."""
+def test_writer_processes_write_what_the_evaluator_thread_writes(tmp_path, mixed_folder, monkeypatch):
+    """Files written by the writer processes, forked (Linux) or spawned (macOS, Windows), are the same as written
+    in line, and results.csv keeps input order."""
+    from scripts.writer import SegmentationWriter
+
     root, broken = mixed_folder
     weights = str(_weights(tmp_path / "w.pt"))
     outputs = {}
-    for threads in (0, 2):
-        out = tmp_path / f"out{threads}"
+    for threads, start_method in ((0, None), (2, "fork"), (2, "spawn")):
+        if start_method:
+            monkeypatch.setattr(SegmentationWriter, "start_method", start_method)
+        out = tmp_path / f"out{threads}{start_method}"
         wf = _workflow(tmp_path, input_dir=str(root), output_dir=str(out), ckpt_path=weights,
                        spatial_size=[64, 64], batch_size=3, write_workers=threads, write_dicom_seg=False)
         wf.initialize()
         wf.run()
         wf.finalize()
-        outputs[threads] = out
+        outputs[threads if start_method != "spawn" else "spawn"] = out
+    assert (outputs["spawn"] / "results.csv").read_text() == (outputs[0] / "results.csv").read_text()
     csv0, csv2 = ((outputs[t] / "results.csv").read_text() for t in (0, 2))
     assert csv0 == csv2
     from scripts.inputs import find_inputs
@@ -530,7 +536,8 @@ def test_writer_processes_write_what_the_evaluator_thread_writes(tmp_path, mixed
     files2 = sorted(p.relative_to(outputs[2]) for p in outputs[2].rglob("*_*.*") if p.suffix in (".png", ".jpg"))
     assert files0 == files2 and len(files0) == 18  # a mask and an overlay for each of the 9 radiographs
     for rel in files0:
-        np.testing.assert_array_equal(_mask(outputs[0] / rel), _mask(outputs[2] / rel), err_msg=str(rel))
+        for other in (outputs[2], outputs["spawn"]):
+            np.testing.assert_array_equal(_mask(outputs[0] / rel), _mask(other / rel), err_msg=str(rel))
 
 
 def test_a_writer_process_that_dies_costs_no_other_study(tmp_path, montgomery, monkeypatch):

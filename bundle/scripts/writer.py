@@ -84,7 +84,10 @@ class SegmentationWriter:
         rank, world_size: this process's place in a sharded run (torch.distributed initialised when > 1).
     """
 
-    max_pending = 32  # items handed to the threads and not yet written: bounds the memory held
+    max_pending = 32  # studies handed to the writer processes and not yet written: bounds the memory held
+    # how the writer processes start: forked on Linux (at once, sharing what this process has loaded), else spawned
+    start_method = "fork" if sys.platform.startswith("linux") and "fork" in multiprocessing.get_all_start_methods() \
+        else "spawn"
 
     def __init__(
         self,
@@ -295,8 +298,7 @@ class SegmentationWriter:
         import cv2
 
         cv2.setNumThreads(1)
-        fork = sys.platform.startswith("linux") and "fork" in multiprocessing.get_all_start_methods()
-        pool = ProcessPoolExecutor(processes, multiprocessing.get_context("fork" if fork else "spawn"),
+        pool = ProcessPoolExecutor(processes, multiprocessing.get_context(self.start_method),
                                    initializer=_writer_process_setup)
         pool.submit(int).result()  # start them now (a fork context starts all at the first task)
         return pool
