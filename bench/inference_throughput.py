@@ -490,7 +490,7 @@ def markdown(report: dict) -> str:
     if stages:
         lines += [
             "",
-            "Where the time goes: the bundle's evaluator in one process (num_workers 0, write_threads 0, fp32, "
+            "Where the time goes: the bundle's evaluator in one process (num_workers 0, write_workers 0, fp32, "
             f"{stages['n_images']} images, {stages['images_per_s']:.1f} images/s, one run; the preprocessing at 1 "
             "torch thread as in the CLI's DataLoader workers, the rest at the default threads; network: whole "
             "batches):",
