@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from monai.utils import convert_to_numpy
 
 from .files import atomic_write, save_jpeg, save_mask_png, save_png
 from .inputs import describe_error
@@ -24,15 +25,6 @@ from .postprocessing import decide_at_size, labels_from_structures
 from .qc import NOT_MEASURABLE, qc_score
 
 
-def _numpy(value):
-    """A tensor (any device) or array as a NumPy array; None stays None."""
-    if value is None:
-        return None
-    if hasattr(value, "detach"):
-        value = value.detach().cpu().numpy()
-    return np.asarray(value)
-
-
 def study_record(item: Mapping, out: Mapping) -> dict:
     """What writing one study needs, as NumPy arrays and plain values (no tensors, nothing at native size
     unless post-processing already decided there, as ``ResizeDecisiond`` does on a GPU)."""
@@ -40,19 +32,19 @@ def study_record(item: Mapping, out: Mapping) -> dict:
     record["error"] = str(item.get("error") or "")
     if record["error"]:
         return record
-    spacing = [float(s) for s in _numpy(item["spacing"]).reshape(-1).tolist()]
+    spacing = [float(s) for s in convert_to_numpy(item["spacing"]).reshape(-1).tolist()]
     display = None
     if "display" in item:
         shown = (int(item["display_rows"]), int(item["display_columns"]))
-        display = np.ascontiguousarray(_numpy(item["display"])[: shown[0], : shown[1]])
+        display = np.ascontiguousarray(convert_to_numpy(item["display"])[: shown[0], : shown[1]])
     record.update(
         rows=int(item["rows"]),
         columns=int(item["columns"]),
         spacing=None if any(math.isnan(s) for s in spacing) else spacing,
         display=display,
-        fields=_numpy(out.get("fields")),
+        fields=convert_to_numpy(out.get("fields")),
         rule=out.get("rule"),
-        structures=_numpy(out.get("structures")),
+        structures=convert_to_numpy(out.get("structures")),
         qc_model_flags=list(out.get("qc_model_flags") or []),
         qc_ratios=dict(out.get("qc_ratios") or {}),
     )

@@ -110,14 +110,11 @@ class SegmentationWriter:
             raise ValueError(f"overlay_format must be one of {OVERLAY_FORMATS}, got {overlay_format!r}")
         self.output_dir = os.path.abspath(str(output_dir))
         self.input_dir = input_dir
-        self.write_overlay = write_overlay
-        self.overlay_format = str(overlay_format).lower()
-        self.write_dicom_seg = write_dicom_seg
-        self.version = _bundle_version(metadata_file)
-        if write_dicom_seg:
-            self.write_dicom_seg = self._dicom_seg_works()
-        self.files = OutputFiles(self.output_dir, tuple(self.class_names), bool(self.write_overlay),
-                                 self.overlay_format, bool(self.write_dicom_seg), self.version)
+        version = _bundle_version(metadata_file)
+        # what each study gets written (the writer processes get a copy of it with every study)
+        self.files = OutputFiles(self.output_dir, tuple(self.class_names), bool(write_overlay),
+                                 str(overlay_format).lower(), bool(write_dicom_seg) and self._dicom_seg_works(version),
+                                 version)
         self.columns = csv_columns(self.class_names)
         self.rank, self.world_size = int(rank), int(world_size)
         self.n_ok = self.n_failed = self.n_warned = 0
@@ -128,13 +125,18 @@ class SegmentationWriter:
         self._pending: deque[tuple[dict, Future, ProcessPoolExecutor]] = deque()  # (study, row to come, its pool)
         self.carried: list[dict] = []  # results.csv rows of an earlier run in output_dir (resume)
 
-    def _dicom_seg_works(self) -> bool:
+    @property
+    def write_dicom_seg(self) -> bool:
+        """Whether DICOM inputs get a SEG: asked for, and highdicom can write one here."""
+        return self.files.write_dicom_seg
+
+    def _dicom_seg_works(self, version: str) -> bool:
         """Build one tiny SEG now: a missing or broken highdicom is said once, here, not for every study; and
         its first-use work (imports, tables: about 0.6 s) is done before the writer processes are forked."""
         try:
             from .dicom_seg import warm_up
 
-            warm_up(self.class_names, self.version)
+            warm_up(self.class_names, version)
         except ImportError:
             logger.warning("inference: highdicom is not installed, so no DICOM SEG is written "
                            "(pip install highdicom, or --write_dicom_seg False to silence this)")
@@ -365,7 +367,7 @@ class SegmentationWriter:
     def _write_report(self) -> None:
         """OUT/report.html from results.csv (scripts/report.py); a failure is logged, results.csv stays."""
         try:
-            path = write_report(self.output_dir, "_overlay." + self.overlay_format)
+            path = write_report(self.output_dir, "_overlay." + self.files.overlay_format)
             logger.info(f"inference: review page {path}")
         except Exception as e:  # noqa: BLE001 - the page is an extra; the run's results are written
             logger.warning(f"inference: the review page was not written: {describe_error(e)}")
