@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import gc
 import glob
 import json
 import logging
@@ -239,6 +240,11 @@ class SegmentationWriter:
         if self.rank == 0:
             self._writer.writerows(self.carried)
             self.n_ok = len(self.carried)
+        # what this process holds now (modules, model, config) is left out of garbage collection from here on:
+        # the processes forked next (writers now, the DataLoader's readers at the first batch) then share it
+        # without copying it page by page when they collect, and the interpreter's exit does not walk it
+        # (Python's advice for fork; about 1 s less at exit here)
+        gc.freeze()
         if self.write_workers > 0 and self._pool is None:
             self._pool = self._new_pool(self.write_workers)
 
