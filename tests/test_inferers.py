@@ -1,10 +1,13 @@
-"""AutocastInferer: bfloat16 on the CPU, float32 out, and a no-op when disabled."""
+"""AutocastInferer: bfloat16 on the CPU, float32 out, a no-op when disabled, and "auto" following the CPU."""
 
+import sys
+
+import pytest
 import torch
 from monai.inferers import SimpleInferer
 from monai.networks.nets import UNet
 
-from scripts.inferers import AutocastInferer
+from scripts.inferers import AutocastInferer, cpu_has_native_bf16
 
 
 def test_autocast_inferer_runs_bf16_and_returns_float32():
@@ -22,3 +25,25 @@ def test_autocast_inferer_runs_bf16_and_returns_float32():
     assert torch.equal(off, reference)
     assert (out.argmax(1) == reference.argmax(1)).float().mean() > 0.95  # bf16 rounding only
     assert not torch.equal(out, reference)
+
+
+def test_auto_follows_the_cpu_and_rejects_other_words(monkeypatch):
+    """enabled="auto" (inference.yaml's default cpu_bf16) is on exactly where torch finds AVX-512 BF16 or AMX."""
+    for avx512_bf16, amx in ((False, False), (True, False), (False, True)):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        assert cpu_has_native_bf16() is (avx512_bf16 or amx)
+        assert AutocastInferer(enabled="auto").enabled is (avx512_bf16 or amx)
+        assert AutocastInferer(enabled="AUTO").enabled is (avx512_bf16 or amx)
+    with pytest.raises(ValueError, match="'auto'"):
+        AutocastInferer(enabled="yes")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/cpuinfo")
+def test_native_bf16_probe_agrees_with_the_kernel():
+    """torch's probe (private API) against the flags the Linux kernel lists for this CPU."""
+    flags = set()
+    for line in open("/proc/cpuinfo"):
+        if line.startswith("flags"):
+            flags |= set(line.split(":", 1)[1].split())
+    assert cpu_has_native_bf16() is bool(flags & {"avx512_bf16", "amx_tile"})

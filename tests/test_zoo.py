@@ -452,12 +452,14 @@ def _infer(config_files: list[Path], input_dir: Path, output_dir: Path, ckpt_pat
     from monai.bundle import ConfigWorkflow
     from PIL import Image
 
-    # amp=False: on CUDA the eager run would compute in float16 (AMP) while ONNX Runtime computes in float32 on
-    # the CPU; AMP's ~1e-3 relative error flips pixels on the decision boundary, and this compares the exports,
-    # not AMP. (inference_onnx.yaml sets amp false itself; the TorchScript run would use AMP on CUDA too.)
+    # amp=False, cpu_bf16=False: the eager run would compute in float16 on CUDA (AMP) or in bfloat16 on a CPU with
+    # AVX-512 BF16/AMX (inference.yaml's cpu_bf16 auto) while the exports compute in float32; that rounding flips
+    # pixels on the decision boundary, and this compares the exports, not autocast. (inference_onnx.yaml and
+    # inference_ts.yaml switch both off themselves.)
     wf = ConfigWorkflow(config_file=[str(c) for c in config_files], workflow_type="inference", logging_file=False,
                         bundle_root=str(BUNDLE), dataset_dir=str(input_dir), output_dir=str(output_dir),
-                        ckpt_path=str(ckpt_path), progress=False, num_workers=0, write_overlay=False, amp=False)
+                        ckpt_path=str(ckpt_path), progress=False, num_workers=0, write_overlay=False, amp=False,
+                        cpu_bf16=False)
     wf.initialize()
     wf.run()
     wf.finalize()

@@ -2,7 +2,7 @@
 """Package the bundle as a MONAI Model Zoo style release: ``dist/<name>_v<version>.zip`` and, on request, the
 same tree as a folder (the zoo's ``models/<name>/``) and as a Hugging Face Hub upload folder.
 
-    python tools/package_bundle.py                          # bundle/ -> dist/cxr_segmentation_v0.5.0.zip
+    python tools/package_bundle.py                          # bundle/ -> dist/cxr_segmentation_v0.6.0.zip
     python tools/package_bundle.py --folder --hf_folder     # + dist/cxr_segmentation/ and
                                                             #   dist/huggingface/cxr_segmentation/
     python tools/package_bundle.py --write_large_files      # (re)write bundle/large_files.yml from bundle/models/
