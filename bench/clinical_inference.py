@@ -12,11 +12,14 @@ rebuilds a few studies to check that the build gives the same pixels.
 
 Variants, each in its own process, ``--repeats`` rounds, the variants in turn within a round (medians):
 - ``bundle``: the real CLI, ``python -m monai.bundle run inference`` with inference.yaml and its default
-  outputs (mask, overlay, DICOM SEG, results.csv), ``--progress False``, weights bundle/models/model.pt;
+  outputs (mask, overlay, DICOM SEG, results.csv), ``--progress False``, weights bundle/models/model.pt (the
+  default ``cpu_bf16 auto``: bfloat16 autocast on CPUs with AVX-512 BF16/AMX, float32 elsewhere);
+- ``bundle_fp32``: the same in float32 on any CPU (``--cpu_bf16 False``);
 - ``bundle_masks_only``: the same with ``--write_overlay False --write_dicom_seg False``;
 - ``lean``: the lean single-process mask-only loop of issue #15 (pydicom, modality LUT, MONOCHROME1
   inversion, percentiles of a 1/16 subsample, area resize, CLAHE, the UNet at batch 1, the sign of the
-  bilinearly upsampled logit difference, PNG);
+  bilinearly upsampled logit difference, PNG), float32; its process does nothing else (the check of its
+  network inputs against the bundle's preprocessing runs after the rounds, in a process of its own);
 - ``naive``: ``inference_throughput.run_naive`` (PIL-style read, MONAI array transforms, batch 1, argmax,
   nearest resize back, PNG), given the DICOM pixels through a stand-in for ``PIL.Image.open``.
 Reported: studies/s without start-up and over the whole run, peak resident memory (``ru_maxrss``, the
@@ -50,7 +53,7 @@ NOISE_SIGMA = 3.0  # 12-bit grey levels of seeded Gaussian noise on the upscaled
 RESCALES = ((1.0, 0.0), (0.5, -1024.0), (2.0, 100.0))  # (RescaleSlope, RescaleIntercept), in turn
 BUILD = {"rows": ROWS, "columns": COLUMNS, "spacing_mm": SPACING_MM, "bits_stored": 12,
          "noise_sigma": NOISE_SIGMA, "rescales": RESCALES, "version": 1}
-VARIANTS = ("bundle", "bundle_masks_only", "lean", "naive")
+VARIANTS = ("bundle", "bundle_fp32", "bundle_masks_only", "lean", "naive")
 TARGET_VS_LEAN = 1.0
 CLEAN_LOAD = 0.10  # a round counts when other processes took at most this share of the machine meanwhile
 NETWORK_SIZE, CLAHE_CLIP, CLAHE_GRID = 256, 2.0, (8, 8)  # as inference.yaml (spatial_size, clahe_*)
@@ -193,6 +196,8 @@ def run_bundle(args) -> dict:
            CONFIG_ARG, "--input_dir", os.path.join(args.work_dir, "in"), "--output_dir", out, "--progress", "False"]
     if args.variant == "bundle_masks_only":
         cmd += ["--write_overlay", "False", "--write_dicom_seg", "False"]
+    if args.variant == "bundle_fp32":  # float32 whatever the CPU (the default cpu_bf16 auto is bfloat16 where it pays)
+        cmd += ["--cpu_bf16", "False"]
     t0 = time.time()
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     total = time.time() - t0
@@ -216,15 +221,16 @@ def run_bundle(args) -> dict:
     }
 
 
-def run_lean(args) -> dict:
-    """The lean mask-only loop of issue #15, batch 1, one process."""
+def lean_network(weights: str):
+    """The lean loop's network (the shipped UNet, float32) and its preprocessing: ``network_input(path)`` gives
+    the (rows', columns') network input in [0, 1] and the native (rows, columns)."""
     import cv2
     import numpy as np
     import torch
     from monai.networks.nets import UNet
 
     network = UNet(2, 1, 2, channels=(16, 32, 64, 128, 256), strides=(2, 2, 2, 2), num_res_units=2)
-    network.load_state_dict(torch.load(args.weights, map_location="cpu", weights_only=True))
+    network.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     network.eval()
     clahe = cv2.createCLAHE(clipLimit=CLAHE_CLIP, tileGridSize=CLAHE_GRID[::-1])  # OpenCV: (columns, rows)
 
@@ -238,6 +244,16 @@ def run_lean(args) -> dict:
         small = clahe.apply(np.rint(small * 255).astype(np.uint8)).astype(np.float32) / 255
         return small, image.shape
 
+    return network, network_input
+
+
+def run_lean(args) -> dict:
+    """The lean mask-only loop of issue #15, batch 1, one process (nothing else in it: its whole run is its own)."""
+    import cv2
+    import numpy as np
+    import torch
+
+    network, network_input = lean_network(args.weights)
     files = it._inputs(args)
     out = Path(args.work_dir, f"out_{args.variant}_{args.round}")
     start = time.time()
@@ -252,8 +268,13 @@ def run_lean(args) -> dict:
         cv2.imwrite(str(target), mask.astype(np.uint8))
     run_s = time.time() - start
     return {"n_studies": len(files), "n_ok": len(files), "startup_s": start - args.t0, "run_s": run_s,
-            "studies_per_s": len(files) / run_s, "peak_rss_mb": _peak_mb(),
-            "input_check": compare_inputs(files[:3], network_input)}
+            "studies_per_s": len(files) / run_s, "peak_rss_mb": _peak_mb()}
+
+
+def run_lean_input_check(args) -> dict:
+    """How far the lean loop's network inputs are from the bundle's on the first 3 studies (a process of its
+    own, after the timed rounds)."""
+    return compare_inputs(it._inputs(args)[:3], lean_network(args.weights)[1])
 
 
 def compare_inputs(files: list[str], network_input) -> dict:
@@ -380,8 +401,9 @@ def _launch(variant: str, work: Path, round_: int) -> dict:
     if proc.returncode:
         raise RuntimeError(f"variant {variant} failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-4000:]}")
     row = json.loads(proc.stdout.strip().splitlines()[-1])
-    row.update(total_s=total, studies_per_s_total=row["n_studies"] / total,
-               other_load=max(0.0, others / (total * os.cpu_count())))
+    if "n_studies" in row:
+        row.update(total_s=total, studies_per_s_total=row["n_studies"] / total,
+                   other_load=max(0.0, others / (total * os.cpu_count())))
     return {"variant": variant, "round": round_, **row}
 
 
@@ -439,12 +461,12 @@ def summarise(rows: list[dict]) -> tuple[list[dict], list[dict]]:
         summary.append(s)
     by = {s["variant"]: s for s in summary}
     ratios = []
-    for a, b in (("bundle", "lean"), ("bundle_masks_only", "lean"), ("bundle", "naive"),
+    for a, b in (("bundle", "lean"), ("bundle_fp32", "lean"), ("bundle_masks_only", "lean"), ("bundle", "naive"),
                  ("bundle_masks_only", "naive"), ("lean", "naive")):
         no_startup = by[a]["studies_per_s"] / by[b]["studies_per_s"] if by[a]["studies_per_s"] else None
         ratios.append({"ratio": f"{a}/{b}", "no_startup": no_startup,
                        "whole_run": by[a]["studies_per_s_total"] / by[b]["studies_per_s_total"],
-                       "target": TARGET_VS_LEAN if b == "lean" and a != "lean" else None})
+                       "target": TARGET_VS_LEAN if a in ("bundle", "bundle_masks_only") and b == "lean" else None})
     return summary, ratios
 
 
@@ -547,8 +569,8 @@ def main():
         ap.add_argument(hidden, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.variant:
-        run = {"bundle": run_bundle, "bundle_masks_only": run_bundle, "lean": run_lean, "naive": run_naive,
-               "profile": run_profile}[args.variant]
+        run = {"bundle": run_bundle, "bundle_fp32": run_bundle, "bundle_masks_only": run_bundle, "lean": run_lean,
+               "naive": run_naive, "profile": run_profile, "lean_input_check": run_lean_input_check}[args.variant]
         args.round, args.t0 = int(args.round), float(args.t0)
         print(json.dumps(run(args)))
         return
@@ -574,6 +596,7 @@ def main():
             print(f"round {round_ + 1}/{args.repeats} {variant}: {it._fmt(rows[-1]['studies_per_s'], 2)} studies/s, "
                   f"{rows[-1]['studies_per_s_total']:.2f} over the whole run", flush=True)
     profile = None if args.no_profile else _launch("profile", work, 0)
+    input_check = _launch("lean_input_check", work, 0)
     dice_by_variant = dice_table(work, studies)
     if not args.keep_outputs:
         for variant in VARIANTS:
@@ -595,7 +618,7 @@ def main():
         "summary": summary,
         "ratios": ratios,
         "dice": dice_by_variant,
-        "lean_input_check": next(r["input_check"] for r in rows if r["variant"] == "lean"),
+        "lean_input_check": input_check,
         "profile": profile,
         "rounds": rows,
     }
