@@ -27,13 +27,17 @@ def test_autocast_inferer_runs_bf16_and_returns_float32():
     assert not torch.equal(out, reference)
 
 
-def test_auto_follows_the_cpu_and_rejects_other_words(monkeypatch):
-    """enabled="auto" (inference.yaml's default cpu_bf16) is on exactly where torch finds AVX-512 BF16 or AMX."""
+def test_auto_follows_the_cpu_and_rejects_other_words(monkeypatch, caplog):
+    """enabled="auto" (inference.yaml's default cpu_bf16) is on exactly where torch finds AVX-512 BF16 or AMX,
+    and the log says which precision the run got."""
     for avx512_bf16, amx in ((False, False), (True, False), (False, True)):
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
         assert cpu_has_native_bf16() is (avx512_bf16 or amx)
-        assert AutocastInferer(enabled="auto").enabled is (avx512_bf16 or amx)
+        caplog.clear()
+        with caplog.at_level("INFO", logger="scripts.inferers"):
+            assert AutocastInferer(enabled="auto").enabled is (avx512_bf16 or amx)
+        assert ("bfloat16 autocast" if avx512_bf16 or amx else "float32 (this CPU") in caplog.text
         assert AutocastInferer(enabled="AUTO").enabled is (avx512_bf16 or amx)
     with pytest.raises(ValueError, match="'auto'"):
         AutocastInferer(enabled="yes")

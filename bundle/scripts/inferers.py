@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
 from monai.inferers import SimpleInferer
+
+logger = logging.getLogger(__name__)
 
 
 def cpu_has_native_bf16() -> bool:
@@ -34,6 +37,9 @@ class AutocastInferer(SimpleInferer):
             if enabled.lower() != "auto":
                 raise ValueError(f"enabled must be True, False or 'auto', got {enabled!r}")
             enabled = cpu_has_native_bf16()
+            logger.info("cpu_bf16 auto: " + (
+                "the network runs in bfloat16 autocast (this CPU has AVX-512 BF16 or AMX); --cpu_bf16 False for float32"
+                if enabled else "float32 (this CPU has neither AVX-512 BF16 nor AMX)"))
         self.device_type, self.dtype, self.enabled = device_type, dtype, bool(enabled)
 
     def __call__(self, inputs: torch.Tensor, network: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
