@@ -507,6 +507,36 @@ def test_overlay_draws_the_ctr_calipers_of_heart_and_thorax():
     assert not any((lungs_only[r, 70:530] == colours[1]).all() for r in range(401, 500))  # no CTR: no calipers
 
 
+def test_overlay_fill_is_the_translucent_blend_of_each_class_in_turn():
+    """The fill (a lookup table since 0.6) gives exactly OpenCV's whole-picture blend, 0.75 x picture + 0.25 x colour
+    inside each mask, applied class after class where masks overlap; the outlines are left out of the comparison."""
+    import cv2
+
+    from scripts.overlay import class_colours, make_overlay
+
+    rng = np.random.default_rng(0)
+    grey = rng.integers(0, 256, (520, 640), dtype=np.uint8)
+    names = ["background", "lungs", "mediastinum", "clavicles"]  # no heart: no CTR calipers over the fills
+    masks = np.zeros((3, 520, 640), np.uint8)
+    masks[0, 40:480, 40:600] = 1  # lungs
+    masks[1, 200:460, 200:520] = 1  # inside the lungs: blended over the lungs' fill
+    masks[2, 20:120, 300:620] = 1  # clavicles, partly outside the lungs
+    expected = cv2.cvtColor(grey, cv2.COLOR_GRAY2RGB)
+    for mask, colour in zip(masks, class_colours(names).values()):
+        shaded = cv2.multiply(expected, (0.75, 0.75, 0.75, 0))
+        cv2.add(shaded, tuple(0.25 * c for c in colour) + (0,), dst=expected, mask=mask)
+    picture = make_overlay(grey, masks, names, [])[:520]
+    near_outline = np.zeros((520, 640), np.uint8)
+    for mask in masks:
+        edge = cv2.morphologyEx(mask, cv2.MORPH_GRADIENT, np.ones((3, 3), np.uint8))
+        near_outline |= cv2.dilate(edge, np.ones((9, 9), np.uint8))
+    away = near_outline == 0
+    assert away.mean() > 0.8
+    np.testing.assert_array_equal(picture[away], expected[away])
+    inside = away & (masks[1] > 0)
+    assert (picture[inside] != cv2.cvtColor(grey, cv2.COLOR_GRAY2RGB)[inside]).any()  # it was filled at all
+
+
 def test_writer_processes_write_what_the_evaluator_thread_writes(tmp_path, mixed_folder, monkeypatch):
     """Files written by the writer processes, forked (Linux) or spawned (macOS, Windows), are the same as written
     in line, and results.csv keeps input order."""
