@@ -212,7 +212,7 @@ def decide_at_size(fields: np.ndarray | torch.Tensor, rule: str, size: Sequence[
         resized = cv2.resize(channels_last, (columns, rows), interpolation=cv2.INTER_LINEAR)
         resized = resized.reshape(rows, columns, -1).transpose(2, 0, 1)
     if rule == "sign":
-        return (resized > 0).astype(np.uint8)
+        return (resized > 0).view(np.uint8)  # NumPy's bool is one byte, 0 or 1: no copy of a full-size mask
     return structures_from_labels(resized.argmax(axis=0), fields.shape[0])
 
 
