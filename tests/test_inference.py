@@ -805,14 +805,20 @@ def test_overlay_jpeg_has_no_chroma_subsampling(tmp_path):
 
 
 def test_a_broken_highdicom_is_said_once_and_no_seg_is_attempted(tmp_path, monkeypatch, caplog):
-    """The writer builds one tiny SEG when it is made: a highdicom that cannot write one here is a single warning
-    at the start (and no per-study warnings), not a failure of every study."""
+    """Before the run (check_ready) the writer builds one tiny SEG when an input may be DICOM: a highdicom that
+    cannot write one here is a single warning at the start (and no per-study warnings), not a failure of every
+    study."""
     import logging
 
     import scripts.dicom_seg
     from scripts.writer import SegmentationWriter
 
-    assert SegmentationWriter(str(tmp_path), ["background", "lungs"]).write_dicom_seg  # the installed one works
+    weights = tmp_path / "w.pt"
+    weights.write_bytes(b"weights")
+    inputs = [{"image": str(tmp_path / "a.png"), "rel": "a.png"}, {"image": str(tmp_path / "b.dcm"), "rel": "b.dcm"}]
+    works = SegmentationWriter(str(tmp_path), ["background", "lungs"])
+    works.check_ready(inputs, str(weights))
+    assert works.write_dicom_seg  # the installed one works
 
     def broken(*args, **kwargs):
         raise AttributeError("module 'pydicom' has no attribute 'something_highdicom_needs'")
@@ -820,5 +826,34 @@ def test_a_broken_highdicom_is_said_once_and_no_seg_is_attempted(tmp_path, monke
     monkeypatch.setattr(scripts.dicom_seg, "warm_up", broken)
     with caplog.at_level(logging.WARNING, logger="cxr_segmentation.inference"):
         writer = SegmentationWriter(str(tmp_path), ["background", "lungs"])
+        writer.check_ready(inputs, str(weights))
+        writer.check_dicom_seg()  # the run's start asks again: said once
     assert not writer.write_dicom_seg and not writer.files.write_dicom_seg
-    assert [r.getMessage() for r in caplog.records if "cannot write a DICOM SEG" in r.getMessage()]
+    said = [r.getMessage() for r in caplog.records if "cannot write a DICOM SEG" in r.getMessage()]
+    assert len(said) == 1, said
+
+
+def test_no_highdicom_work_for_a_folder_without_dicom(tmp_path, monkeypatch):
+    """highdicom's check and first-use work (about 0.8 s of start-up) happen only when an input may be DICOM:
+    a .dcm, a .dicom or a file without an image or NIfTI name (find_inputs lists those when they hold DICOM)."""
+    import scripts.dicom_seg
+    from scripts.writer import SegmentationWriter
+
+    weights = tmp_path / "w.pt"
+    weights.write_bytes(b"weights")
+    calls = []
+    monkeypatch.setattr(scripts.dicom_seg, "warm_up", lambda *a, **k: calls.append(a))
+    images = [{"image": str(tmp_path / n), "rel": n} for n in ("a.png", "b/c.JPG", "d.tiff", "e.nii.gz", "f.bmp")]
+    writer = SegmentationWriter(str(tmp_path), ["background", "lungs"])
+    writer.check_ready(images, str(weights))
+    writer.check_dicom_seg()  # as the run's start does
+    assert calls == [] and writer.write_dicom_seg  # asked for; nothing to check: no DICOM input
+    for dicom_name in ("g.dcm", "h.DICOM", "IM0001"):
+        calls.clear()
+        writer = SegmentationWriter(str(tmp_path), ["background", "lungs"])
+        writer.check_ready(images + [{"image": str(tmp_path / dicom_name), "rel": dicom_name}], str(weights))
+        writer.check_dicom_seg()
+        assert len(calls) == 1, dicom_name  # checked once, before the run
+    calls.clear()
+    SegmentationWriter(str(tmp_path), ["background", "lungs"]).check_dicom_seg()  # a run without check_ready
+    assert len(calls) == 1

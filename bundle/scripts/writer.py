@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import gc
 import glob
 import json
@@ -21,6 +22,7 @@ import torch
 
 from .files import atomic_write
 from .inputs import describe_error
+from .io import NIFTI_SUFFIXES, PIL_SUFFIXES
 from .measures import csv_columns
 from .outputs import OutputFiles, study_record
 from .postprocessing import output_mode
@@ -111,11 +113,10 @@ class SegmentationWriter:
             raise ValueError(f"overlay_format must be one of {OVERLAY_FORMATS}, got {overlay_format!r}")
         self.output_dir = os.path.abspath(str(output_dir))
         self.input_dir = input_dir
-        version = _bundle_version(metadata_file)
         # what each study gets written (the writer processes get a copy of it with every study)
         self.files = OutputFiles(self.output_dir, tuple(self.class_names), bool(write_overlay),
-                                 str(overlay_format).lower(), bool(write_dicom_seg) and self._dicom_seg_works(version),
-                                 version)
+                                 str(overlay_format).lower(), bool(write_dicom_seg), _bundle_version(metadata_file))
+        self._dicom_seg_checked = False
         self.columns = csv_columns(self.class_names)
         self.rank, self.world_size = int(rank), int(world_size)
         self.n_ok = self.n_failed = self.n_warned = 0
@@ -128,25 +129,32 @@ class SegmentationWriter:
 
     @property
     def write_dicom_seg(self) -> bool:
-        """Whether DICOM inputs get a SEG: asked for, and highdicom can write one here."""
+        """Whether DICOM inputs get a SEG: asked for, and (once :meth:`check_dicom_seg` has run) highdicom can write
+        one here."""
         return self.files.write_dicom_seg
 
-    def _dicom_seg_works(self, version: str) -> bool:
-        """Build one tiny SEG now: a missing or broken highdicom is said once, here, not for every study; and
-        its first-use work (imports, tables: about 0.6 s) is done before the writer processes are forked."""
+    def check_dicom_seg(self, inputs: Sequence[dict] | None = None) -> None:
+        """Build one tiny SEG, once, when SEGs are asked for and an input may be DICOM (any, with ``inputs`` None):
+        a missing or broken highdicom is then said once, here, not for every study, and its first-use work
+        (imports, the standard's tables: about 0.8 s) is done before the writer processes are forked. A folder
+        of PNG/JPEG/TIFF/BMP/NIfTI files skips it."""
+        if self._dicom_seg_checked or not self.files.write_dicom_seg:
+            return
+        self._dicom_seg_checked = True
+        if inputs is not None and not any(_may_be_dicom(item["rel"]) for item in inputs):
+            return  # no input is DICOM: no SEG will be written, nothing to check
         try:
             from .dicom_seg import warm_up
 
-            warm_up(self.class_names, version)
+            warm_up(self.class_names, self.files.version)
+            return
         except ImportError:
             logger.warning("inference: highdicom is not installed, so no DICOM SEG is written "
                            "(pip install highdicom, or --write_dicom_seg False to silence this)")
-            return False
         except Exception as e:  # noqa: BLE001 - a highdicom/pydicom pair that does not work together
             logger.warning(f"inference: highdicom cannot write a DICOM SEG here ({describe_error(e)}), so none is "
                            f"written (pip install -U highdicom pydicom, or --write_dicom_seg False)")
-            return False
-        return True
+        self.files = dataclasses.replace(self.files, write_dicom_seg=False)
 
     # -- sharding ----------------------------------------------------------------------------------
     def shard(self, datalist: Sequence[dict]) -> list[dict]:
@@ -209,6 +217,7 @@ class SegmentationWriter:
         if not inputs:
             raise FileNotFoundError(f"inference: no radiograph (PNG/JPEG/TIFF/BMP, DICOM, NIfTI) found in "
                                     f"{self.input_dir!s}")
+        self.check_dicom_seg(inputs)
 
     def raise_if_failed(self, fail_on_error: bool) -> None:
         """With ``fail_on_error``, end the run with an error (exit status 1) when any input failed."""
@@ -230,6 +239,7 @@ class SegmentationWriter:
     def started(self, engine) -> None:
         # every rank has read the earlier rows (still_to_do) before any rank starts its partial file anew
         self._barrier()
+        self.check_dicom_seg()  # done by check_ready before a CLI run; here for evaluators run without it
         os.makedirs(self.output_dir, exist_ok=True)
         self.n_ok = self.n_failed = self.n_warned = 0
         self.failed = []
@@ -393,6 +403,11 @@ class SegmentationWriter:
                 writer.writerows(rows)
 
         atomic_write(os.path.join(self.output_dir, RESULTS_CSV), write)
+
+
+def _may_be_dicom(path: str) -> bool:
+    """Whether an input that find_inputs listed may be DICOM: it is not named as an image or NIfTI file."""
+    return not str(path).lower().endswith(PIL_SUFFIXES + NIFTI_SUFFIXES)
 
 
 def _writer_process_setup() -> None:
