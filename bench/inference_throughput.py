@@ -59,7 +59,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 SETS = ("montgomery", "shenzhen", "jsrt_scr")
 END_TO_END = ("bundle", "bundle_fp32", "bundle_masks_only", "naive")
 NETWORK = ("network_fp32", "network_bf16", "network_onnx")
-CEILING = {"bundle_fp32": "network_fp32", "naive": "network_fp32"}  # bundle, bundle_masks_only: default_precision()
+CEILING = {"bundle_fp32": "network_fp32", "naive": "network_fp32"}  # and bundle, bundle_masks_only: see summarise
 TARGET_SPEEDUP = 2.0  # issue #15: the bundle (its defaults) at least 2x the naive loop
 # the evaluator's first and last log lines (ignite, formatted by bundle/configs/logging.conf)
 LOG_TIME = r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) - .*"
@@ -89,7 +89,8 @@ def link_name(path: Path, copy: int) -> str:
 def default_precision() -> tuple[str, str]:
     """The network variant whose precision inference.yaml's default (``cpu_bf16: auto``) gives on this CPU, and
     a note saying so."""
-    sys.path.insert(0, str(BUNDLE))
+    if str(BUNDLE) not in sys.path:
+        sys.path.insert(0, str(BUNDLE))
     from scripts.inferers import cpu_has_native_bf16
 
     if cpu_has_native_bf16():
@@ -430,8 +431,10 @@ def summarise(rows: list[dict]) -> list[dict]:
         summary.append(s)
     by = {s["variant"]: s for s in summary if "skipped" not in s}
     naive = by.get("naive")
+    default = default_precision()[0]  # the network alone in the precision the defaults run in on this CPU
+    ceilings = {"bundle": default, "bundle_masks_only": default, **CEILING}
     for s in summary:
-        ceiling = by.get(CEILING.get(s["variant"], default_precision()[0] if s["variant"] in END_TO_END else ""))
+        ceiling = by.get(ceilings.get(s["variant"], ""))
         if ceiling and s.get("images_per_s"):
             s["efficiency"] = s["images_per_s"] / ceiling["images_per_s"]
             s["efficiency_total"] = s["images_per_s_total"] / ceiling["images_per_s"]

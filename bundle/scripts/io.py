@@ -43,6 +43,12 @@ def is_nifti(path: str | os.PathLike) -> bool:
     return str(path).lower().endswith(NIFTI_SUFFIXES)
 
 
+def may_be_dicom(path: str | os.PathLike) -> bool:
+    """Whether a file that :func:`is_supported` accepts may be DICOM: it is not named as an image or NIfTI file
+    (decided by name alone, without opening the file)."""
+    return not str(path).lower().endswith(PIL_SUFFIXES + NIFTI_SUFFIXES)
+
+
 def is_supported(path: str | os.PathLike) -> bool:
     """True for the files this module reads: PNG/JPEG/TIFF/BMP, NIfTI, and DICOM by name or content."""
     return str(path).lower().endswith(PIL_SUFFIXES + NIFTI_SUFFIXES) or is_dicom(path)

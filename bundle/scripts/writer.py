@@ -22,7 +22,7 @@ import torch
 
 from .files import atomic_write
 from .inputs import describe_error
-from .io import NIFTI_SUFFIXES, PIL_SUFFIXES
+from .io import may_be_dicom
 from .measures import csv_columns
 from .outputs import OutputFiles, study_record
 from .postprocessing import output_mode
@@ -141,7 +141,7 @@ class SegmentationWriter:
         if self._dicom_seg_checked or not self.files.write_dicom_seg:
             return
         self._dicom_seg_checked = True
-        if inputs is not None and not any(_may_be_dicom(item["rel"]) for item in inputs):
+        if inputs is not None and not any(may_be_dicom(item["rel"]) for item in inputs):
             return  # no input is DICOM: no SEG will be written, nothing to check
         try:
             from .dicom_seg import warm_up
@@ -403,11 +403,6 @@ class SegmentationWriter:
                 writer.writerows(rows)
 
         atomic_write(os.path.join(self.output_dir, RESULTS_CSV), write)
-
-
-def _may_be_dicom(path: str) -> bool:
-    """Whether an input that find_inputs listed may be DICOM: it is not named as an image or NIfTI file."""
-    return not str(path).lower().endswith(PIL_SUFFIXES + NIFTI_SUFFIXES)
 
 
 def _writer_process_setup() -> None:
